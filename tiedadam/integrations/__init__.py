@@ -1,0 +1,1 @@
+"""Framework integrations (DeepSpeed, FSDP): registration and sharding rules, no optimizer math."""

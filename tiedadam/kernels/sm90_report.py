@@ -1,0 +1,112 @@
+"""Compile every kernel variant for sm_90 without a GPU and read back what the hardware will run:
+registers, spill bytes, and the width of global loads/stores in the SASS.
+
+Used by ``perf/kernel_report.py`` and ``tests/test_kernel_report.py``. Must run in a process
+*without* ``TRITON_INTERPRET=1`` (the interpreter replaces what ``@triton.jit`` returns).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tied_adamw as K
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+@dataclass
+class VariantReport:
+    name: str
+    param: str
+    state: str
+    master: bool
+    scale: bool
+    flat: bool
+    registers: int
+    spill_bytes: int
+    # SASS opcode -> count, e.g. {"LDG.E.128": 8, "STG.E.128": 6}
+    loads: dict
+    stores: dict
+
+    @property
+    def widest_load(self) -> int:
+        return max((_bits(op) for op in self.loads), default=0)
+
+    @property
+    def widest_store(self) -> int:
+        return max((_bits(op) for op in self.stores), default=0)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "widest_load": self.widest_load, "widest_store": self.widest_store}
+
+
+def _bits(op: str) -> int:
+    m = re.search(r"\.(128|64|U16|S16|U8|S8)$", op)
+    if m is None:
+        return 32
+    return {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}[m.group(1)]
+
+
+def variants():
+    """Every specialisation the optimizer can launch."""
+    for param in (torch.float32, torch.bfloat16, torch.float16):
+        for master in ((False,) if param == torch.float32 else (False, True)):
+            for flat in (False, True):
+                yield dict(param=param, state=torch.float32, master=master, scale=False, flat=flat)
+    yield dict(param=torch.float16, state=torch.float32, master=False, scale=True, flat=False)
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_variant(param, state, master, scale, flat, arch: int = 90) -> VariantReport:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"addr_ptr": "*i64", "meta_ptr": "*i64", "chunk_ptr": "*i64", "n_tensors": "i32",
+           "hyper_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+           "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
+           "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
+           "flat_numel": "i64", "flat_aligned": "i32"}
+    consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
+                  HAS_SCALE=scale, FLAT=flat, CHUNK=K.CHUNK, BLOCK=K.block_for(param))
+    sig.update({k: "constexpr" for k in consts})
+    # Direct tensor arguments are specialised as 16-byte aligned, as Triton does at launch.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
+             if sig[k].startswith("*")}
+    src = ASTSource(fn=K._tied_adamw_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": K.NUM_WARPS,
+                                       "enable_fp_fusion": K.ENABLE_FP_FUSION})
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    ops = Counter(re.findall(r"\b((?:LDG|STG)\.E[\w.]*)", sass))
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    name = "-".join([f"p{short[param]}", f"s{short[state]}"] + (["master"] if master else [])
+                    + (["scale"] if scale else []) + (["flat"] if flat else ["table"]))
+    return VariantReport(
+        name=name, param=short[param], state=short[state], master=master, scale=scale,
+        flat=flat, registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+        spill_bytes=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+        loads={k: v for k, v in ops.items() if k.startswith("LDG")},
+        stores={k: v for k, v in ops.items() if k.startswith("STG")})
+
+
+def report(arch: int = 90) -> list[VariantReport]:
+    return [compile_variant(**v, arch=arch) for v in variants()]

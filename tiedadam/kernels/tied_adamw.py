@@ -1,0 +1,205 @@
+"""The tied-beta AdamW update as one Triton kernel, specialised by constexprs.
+
+Math (per element; fp32 registers whatever the storage dtypes; t = step after increment):
+
+    c  = 1 - beta**t                              (one factor: beta1 = beta2 = beta)
+    p  = p * (1 - lr * weight_decay)              (decoupled weight decay)
+    m  = m + (1 - beta) * (g - m)                 (== beta*m + (1-beta)*g, torch's lerp_)
+    v  = beta * v + (1 - beta) * g * g
+    p  = p - (lr / c) * m / (sqrt(v) / sqrt(c) + eps)
+
+which is torch.optim.AdamW(betas=(beta, beta)) operation for operation. The scalars (c, lr/c,
+sqrt(c), 1 - lr*wd) are computed once per program in fp64 from the group's hyperparameters, as
+torch computes them in Python floats.
+
+The launcher (``launch_tied_adamw``) lives below the kernel; the tables it passes are built
+by the generic engine in ``multi_tensor.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import ALIGN_BYTES, MultiTensorTable
+
+_ALIGN = tl.constexpr(ALIGN_BYTES)  # bytes promised by tl.multiple_of (Note [alignment])
+
+# Rows of the address table (Note [tables] in multi_tensor.py).
+ROLE_PARAM, ROLE_GRAD, ROLE_EXP_AVG, ROLE_EXP_AVG_SQ, ROLE_MASTER, ROLE_STEP = range(6)
+N_ROLES = 6
+N_ELEMENTWISE = 5  # param, grad, exp_avg, exp_avg_sq, master
+# Columns of the per-group hyperparameter table (fp64 [G, 4]).
+N_HYPER = 4  # lr, beta, eps, weight_decay
+
+# Note [block size]
+# Each program walks one CHUNK of one tensor in BLOCK-sized steps, so the chunk table stays
+# small (1B elements -> 16K rows). BLOCK gives every thread 16 bytes of the param per step:
+# one 128-bit access for the param and grad (two for fp32 states with bf16 params). Measured
+# by the sm_90 compile report (perf/kernel_report.py): fp32 at 4 elements/thread uses ~53
+# registers; 8/thread for fp32 doubles that (~154) with nothing gained.
+CHUNK = 65536
+NUM_WARPS = 4
+
+
+def block_for(param_dtype: torch.dtype) -> int:
+    return (16 // torch.empty((), dtype=param_dtype).element_size()) * 32 * NUM_WARPS
+
+
+# FMA contraction off: results then match torch's op-by-op rounding, on every Triton version
+# (Triton 3.9 warns that its default flips in 3.10).
+ENABLE_FP_FUSION = False
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Launch counter: tests assert one launch per (device, dtype) group per step.
+launches = 0
+
+
+@triton.jit
+def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask,
+                      decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
+                      PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      HAS_SCALE: tl.constexpr):
+    """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access)."""
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if HAS_SCALE:
+        g = g * inv_scale
+    if HAS_MASTER:
+        p = tl.load(w_ptrs, mask=mask)
+    else:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32)
+
+    p = p * decay
+    m = m + one_minus_beta * (g - m)
+    v = v * beta + one_minus_beta * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+
+    tl.store(m_ptrs, m.to(STATE), mask=mask)
+    tl.store(v_ptrs, v.to(STATE), mask=mask)
+    if HAS_MASTER:
+        tl.store(w_ptrs, p, mask=mask)
+    if PARAM == tl.float32:
+        tl.store(p_ptrs, p, mask=mask)
+    else:
+        tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
+
+
+@triton.jit
+def _tied_adamw_kernel(
+    addr_ptr, meta_ptr, chunk_ptr, n_tensors,  # tables (unused when FLAT)
+    hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
+    scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
+    flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
+    PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Tied-beta AdamW over one chunk of one tensor (formula in the module docstring)."""
+    pid = tl.program_id(0)
+    if HAS_SCALE:
+        # AMP: a step with non-finite grads changes nothing (the host never looks).
+        if tl.load(found_inf_ptr) != 0:
+            return
+        inv_scale = 1.0 / tl.load(scale_ptr)
+    else:
+        inv_scale = 1.0
+
+    if FLAT:
+        # One flat tensor (a ZeRO partition): pointers are direct arguments, no tables.
+        start = pid.to(tl.int64) * CHUNK
+        numel = flat_numel.to(tl.int64)
+        group = 0
+        aligned = flat_aligned
+        p_base = flat_p
+        g_base = flat_g
+        m_base = flat_m
+        v_base = flat_v
+        w_base = flat_w
+        step_ptr = flat_step
+    else:
+        tid = tl.load(chunk_ptr + pid)
+        start = tl.load(chunk_ptr + tl.num_programs(0) + pid)
+        numel = tl.load(meta_ptr + tid)
+        group = tl.load(meta_ptr + n_tensors + tid)
+        aligned = tl.load(meta_ptr + 2 * n_tensors + tid)
+        p_base = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(PARAM))
+        g_base = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(PARAM))
+        m_base = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(STATE))
+        v_base = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(STATE))
+        w_base = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+        step_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+
+    # Per-program scalars in fp64, as torch computes them in Python floats.
+    lr = tl.load(hyper_ptr + 4 * group + 0)
+    beta = tl.load(hyper_ptr + 4 * group + 1)
+    eps = tl.load(hyper_ptr + 4 * group + 2)
+    weight_decay = tl.load(hyper_ptr + 4 * group + 3)
+    t = tl.load(step_ptr).to(tl.float64)
+    c = 1.0 - tl.exp(t * tl.log(beta))  # beta**t; beta = 0 gives exp(-inf) = 0
+    step_size = (lr / c).to(tl.float32)
+    bc_sqrt = tl.sqrt(c).to(tl.float32)
+    decay = (1.0 - lr * weight_decay).to(tl.float32)
+    one_minus_beta = (1.0 - beta).to(tl.float32)
+    beta32 = beta.to(tl.float32)
+    eps32 = eps.to(tl.float32)
+
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    if (aligned != 0) & (start + CHUNK <= numel):
+        # Full chunk of an aligned tensor: unmasked, hinted 16-byte vector access.
+        for i in range(0, CHUNK, BLOCK):
+            o = offs + i
+            _tied_adamw_block(
+                tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
+                tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
+                tl.multiple_of(w_base + o, _ALIGN), None,
+                decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
+                PARAM, STATE, HAS_MASTER, HAS_SCALE)
+    else:
+        # Tail chunk, or a misaligned view: masked, no alignment promise.
+        for i in range(0, CHUNK, BLOCK):
+            o = offs + i
+            _tied_adamw_block(p_base + o, g_base + o, m_base + o, v_base + o, w_base + o,
+                              o < numel,
+                              decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
+                              PARAM, STATE, HAS_MASTER, HAS_SCALE)
+
+
+def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
+                      param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
+                      grad_scale: torch.Tensor | None = None,
+                      found_inf: torch.Tensor | None = None,
+                      flat: tuple | None = None) -> None:
+    """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)).
+
+    The step counts must already hold t (incremented before the launch).
+    """
+    global launches
+    has_scale = grad_scale is not None
+    dummy = hyper  # any tensor: unused pointer arguments still need a value
+    scale = grad_scale if has_scale else dummy
+    inf = found_inf if has_scale else dummy
+    consts = dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
+                  HAS_MASTER=has_master, HAS_SCALE=has_scale, CHUNK=CHUNK,
+                  BLOCK=block_for(param_dtype), num_warps=NUM_WARPS,
+                  enable_fp_fusion=ENABLE_FP_FUSION)
+    if flat is not None:
+        p, g, m, v, w, step = flat
+        n = p.numel()
+        if n == 0:
+            return
+        aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
+        grid = (triton.cdiv(n, CHUNK),)
+        _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
+                                 p, g, m, v, w, step, n, aligned, FLAT=True, **consts)
+    else:
+        if table.n_chunks == 0:
+            return
+        grid = (table.n_chunks,)
+        _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
+                                 scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0,
+                                 FLAT=False, **consts)
+    launches += 1

@@ -1,0 +1,3 @@
+from .tied_adamw import TiedAdamW
+
+__all__ = ["TiedAdamW"]

@@ -1,0 +1,304 @@
+"""TiedAdamW: AdamW with beta1 = beta2 = beta, as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..kernels.multi_tensor import TableCache
+from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
+from . import hyperparams as H
+from .torch_backend import torch_tied_adamw
+
+# State keys this optimizer owns; named as torch.optim.AdamW names them so checkpoints move
+# between the two in both directions.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+MASTER_KEY = "master_param"
+_UNSET = object()
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class TiedAdamW(Optimizer):
+    r"""AdamW with tied betas (beta1 = beta2 = beta), on Triton multi-tensor kernels.
+
+    For each parameter θ with gradient g, at step t (starting at 1), with c = 1 − β^t:
+
+    .. math::
+        m &\leftarrow \beta m + (1-\beta) g, \qquad v \leftarrow \beta v + (1-\beta) g^2 \\
+        \theta &\leftarrow \theta (1 - \eta\lambda)
+                 - \eta \, \frac{m / c}{\sqrt{v / c} + \epsilon}
+
+    This is exactly ``torch.optim.AdamW(betas=(beta, beta))``. Because m/c and v/c are the same
+    weighted average of g and g², (m/c)² ≤ v/c, so every element of the update lies in
+    [−η, η] (before weight decay), and there is a single bias-correction factor c.
+
+    Args:
+        params: parameters or param groups (dicts may override lr, beta/betas, eps,
+            weight_decay).
+        lr: learning rate η (float or 1-element tensor). Default 1e-3.
+        beta: the tied β for both moments, in [0, 1). Default 0.95.
+        eps: ε added to the denominator. Default 1e-8.
+        weight_decay: decoupled weight decay λ. Default 1e-2.
+        betas: alternative to ``beta`` for drop-in use with AdamW configs; must be (β, β).
+        backend: ``"auto"`` (Triton for CUDA tensors, torch's fused AdamW for CPU tensors),
+            ``"triton"`` or ``"torch"``.
+
+    State per parameter (torch's names): ``step`` (fp32 scalar on the parameter's device),
+    ``exp_avg``, ``exp_avg_sq`` (fp32, also for bf16/fp16 parameters; math is always fp32).
+    """
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, beta: Any = _UNSET,
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, betas: Any = None,
+                 backend: str = "auto"):
+        self.backend = H.check_backend(backend)
+        if backend == "triton":
+            reason = triton_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+        H.check_lr(lr)
+        H.check_eps(eps)
+        H.check_weight_decay(weight_decay)
+        beta = self._resolve_beta(beta, betas, "")
+        self.state_dtype = torch.float32
+        defaults = dict(lr=lr, beta=beta, betas=(beta, beta), eps=eps,
+                        weight_decay=weight_decay)
+        self._state_version = 0
+        self._plans: OrderedDict = OrderedDict()
+        self._tables = TableCache()
+        self._beta_seen: dict[int, float] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups
+    @staticmethod
+    def _resolve_beta(beta: Any, betas: Any, where: str) -> float:
+        if betas is None:
+            return H.check_beta(0.95 if beta is _UNSET else beta, where)
+        tied = H.tied_beta_from_betas(betas, where)
+        if beta is not _UNSET and H.check_beta(beta, where) != tied:
+            raise ValueError(f"{where}beta={beta} and betas={tuple(betas)} disagree: "
+                             f"pass only one of them")
+        return tied
+
+    def add_param_group(self, param_group: dict) -> None:
+        n = len(getattr(self, "param_groups", []))
+        where = f"param_groups[{n}]: "
+        group = dict(param_group)
+        if "beta" in group or "betas" in group:
+            beta = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"), where)
+        else:
+            beta = self.defaults["beta"]
+        group["beta"], group["betas"] = beta, (beta, beta)
+        for k in ("lr", "eps", "weight_decay"):
+            if k in group:
+                getattr(H, f"check_{k}")(group[k], where)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor):
+                if p.is_complex():
+                    raise ValueError(f"{where}params[{i}] is complex ({p.dtype}): TiedAdamW "
+                                     f"supports real floating-point params; view it with "
+                                     f"torch.view_as_real first")
+                if not p.is_floating_point():
+                    raise ValueError(f"{where}params[{i}] has dtype {p.dtype}: only floating-"
+                                     f"point params can be optimized")
+                if not _local(p).is_contiguous():
+                    raise ValueError(f"{where}params[{i}] is not contiguous (strides "
+                                     f"{p.stride()}): TiedAdamW updates params as flat memory; "
+                                     f"make the parameter contiguous")
+        group["params"] = params
+        super().add_param_group(group)
+        self._invalidate()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups from torch.optim.AdamW carry only betas: derive (and check) beta.
+        for i, group in enumerate(self.param_groups):
+            beta = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"),
+                                      f"param_groups[{i}]: ")
+            group["beta"], group["betas"] = beta, (beta, beta)
+        self.__dict__.setdefault("_state_version", 0)
+        self.__dict__.setdefault("_plans", OrderedDict())
+        self.__dict__.setdefault("_tables", TableCache())
+        self.__dict__.setdefault("_beta_seen", {})
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("state_dtype", torch.float32)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Forget cached plans and tables (param set or state tensors changed)."""
+        if hasattr(self, "_plans"):
+            self._state_version += 1
+            self._plans.clear()
+            self._tables.clear()
+
+    def _sync_beta(self, group: dict, where: str) -> None:
+        """Keep ``beta`` and ``betas`` in step when a scheduler or the user edits one of them.
+
+        The value seen at the last step (kept outside the group, so state_dict stays clean)
+        tells which of the two was edited.
+        """
+        beta, betas = group["beta"], tuple(group["betas"])
+        if betas[0] != betas[1]:
+            H.tied_beta_from_betas(betas, where)  # raises the untied-betas error
+        if betas[0] == beta:
+            return
+        seen = self._beta_seen.get(id(group))
+        if beta == seen:  # betas was edited
+            beta = H.check_beta(betas[0], where)
+        elif betas[0] == seen:  # beta was edited
+            beta = H.check_beta(beta, where)
+        else:
+            raise ValueError(f"{where}beta={beta} and betas={betas} disagree: set one of them "
+                             f"(TiedAdamW keeps betas == (beta, beta))")
+        group["beta"], group["betas"] = beta, (beta, beta)
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: Tensor) -> None:
+        state = self.state[p]
+        local = _local(p)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype,
+                                            memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype,
+                                               memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a TiedAdamW or torch.optim.AdamW(betas=(b, b)) state dict.
+
+        Unlike torch's loader, which casts every float state to the param dtype, exp_avg and
+        exp_avg_sq keep this optimizer's state dtype (fp32 by default, also for bf16 params).
+        """
+        own = {}
+        stripped = {}
+        for k, s in state_dict["state"].items():
+            own[k] = {n: s[n] for n in STATE_KEYS + (MASTER_KEY,) if n in s}
+            stripped[k] = {n: v for n, v in s.items() if n not in own[k]}
+        super().load_state_dict({**state_dict, "state": stripped})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        for k, tensors in own.items():
+            p = id_map[k]
+            state = self.state[p]
+            for n, v in tensors.items():
+                state[n] = self._cast_loaded(p, n, v)
+            if not state:
+                del self.state[p]
+        self._invalidate()
+
+    def _cast_loaded(self, p: Tensor, name: str, v: Any) -> Tensor:
+        local = _local(p)
+        if name == "step":
+            v = v if isinstance(v, Tensor) else torch.tensor(float(v))
+            return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
+        dtype = torch.float32 if name == MASTER_KEY else self.state_dtype
+        if hasattr(v, "to_local") or not hasattr(p, "to_local"):
+            return v.detach().to(device=p.device, dtype=dtype, copy=True)
+        # Plain tensor state for a DTensor param: shard it like the param.
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(v.detach().to(dtype=dtype), p.device_mesh, p.placements)
+
+    # ------------------------------------------------------------------ step
+    def _backend_for(self, device: torch.device) -> str:
+        if self.backend == "auto":
+            return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+        if self.backend == "triton" and not triton_runs_on(device):
+            raise RuntimeError(f"backend='triton' cannot update tensors on {device}: "
+                               f"{triton_unavailable_reason() or 'Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)'}. "
+                               f"Use backend='auto' or 'torch' for these parameters.")
+        return self.backend
+
+    def _plan(self, with_grad: list[tuple[int, Tensor]]):
+        """Validate grads, create missing state, and group tensors into launch buckets."""
+        from .triton_backend import Bucket
+        for gi, p in with_grad:
+            g = p.grad
+            name = f"a parameter of param_groups[{gi}] (shape {tuple(p.shape)})"
+            if g.is_sparse:
+                raise RuntimeError(f"TiedAdamW does not support sparse gradients: {name} has a "
+                                   f"sparse grad; use dense gradients (e.g. "
+                                   f"nn.Embedding(sparse=False)) or torch.optim.SparseAdam")
+            if g.shape != p.shape or g.dtype != p.dtype:
+                raise RuntimeError(f"grad of {name} has shape {tuple(g.shape)} and dtype "
+                                   f"{g.dtype}; it must match the param ({tuple(p.shape)}, "
+                                   f"{p.dtype})")
+            if g.device != p.device:
+                raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
+        for _, p in with_grad:  # nothing above raised: now state may change
+            if len(self.state[p]) == 0:
+                self._init_state(p)
+        buckets: dict[tuple, Any] = {}
+        for gi, p in with_grad:
+            local = _local(p)
+            st = self.state[p]
+            m = _local(st["exp_avg"])
+            key = (local.device, local.dtype, m.dtype, self._backend_for(local.device))
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(local.device, local.dtype, m.dtype, False)
+            b.params.append(local)
+            b.sources.append(p)
+            b.exp_avgs.append(m)
+            b.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
+            b.steps.append(st["step"])
+            b.groups.append(gi)
+        return [(k[3], b) for k, b in buckets.items()]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        with_grad = []
+        for gi, group in enumerate(groups):
+            where = f"param_groups[{gi}]: "
+            self._sync_beta(group, where)
+            H.check_lr(group["lr"], where)
+            for p in group["params"]:
+                if p.grad is not None:
+                    with_grad.append((gi, p))
+        if not with_grad:
+            return loss
+        key = (tuple(id(p) for _, p in with_grad), self._state_version)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(with_grad)
+            if len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for i, (backend, b) in enumerate(plan):
+            if backend == "triton":
+                from .triton_backend import triton_step
+                triton_step([b], [(key, i)], groups, self._tables,
+                            grad_scale=grad_scale, found_inf=found_inf)
+            else:
+                self._torch_step(b, groups, grad_scale, found_inf)
+        self._beta_seen = {id(g): g["beta"] for g in groups}
+        return loss
+
+    @staticmethod
+    def _torch_step(b, groups, grad_scale, found_inf) -> None:
+        grads = [_local(s.grad) for s in b.sources]
+        torch._foreach_add_(b.steps, 1.0)
+        for gi in sorted(set(b.groups)):
+            idx = [i for i, g in enumerate(b.groups) if g == gi]
+            group = groups[gi]
+            torch_tied_adamw([b.params[i] for i in idx], [grads[i] for i in idx],
+                             [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
+                             [None] * len(idx), [b.steps[i] for i in idx],
+                             lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                             weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                             found_inf=found_inf)

@@ -177,6 +177,8 @@ class TiedAdamW(Optimizer):
         Unlike torch's loader, which casts every float state to the param dtype, exp_avg and
         exp_avg_sq keep this optimizer's state dtype (fp32 by default, also for bf16 params).
         """
+        for i, g in enumerate(state_dict["param_groups"]):  # refuse before anything changes
+            self._resolve_beta(g.get("beta", _UNSET), g.get("betas"), f"param_groups[{i}]: ")
         own = {}
         stripped = {}
         for k, s in state_dict["state"].items():
@@ -217,23 +219,24 @@ class TiedAdamW(Optimizer):
                                f"Use backend='auto' or 'torch' for these parameters.")
         return self.backend
 
+    @staticmethod
+    def _check_grad(gi: int, p: Tensor, g: Tensor) -> None:
+        """Raise the error that explains why ``g`` cannot be used as the grad of ``p``."""
+        name = f"a parameter of param_groups[{gi}] (shape {tuple(p.shape)})"
+        if g.is_sparse:
+            raise RuntimeError(f"TiedAdamW does not support sparse gradients: {name} has a "
+                               f"sparse grad; use dense gradients (e.g. "
+                               f"nn.Embedding(sparse=False)) or torch.optim.SparseAdam")
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise RuntimeError(f"grad of {name} has shape {tuple(g.shape)} and dtype {g.dtype}; "
+                               f"it must match the param ({tuple(p.shape)}, {p.dtype})")
+        if g.device != p.device:
+            raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
+
     def _plan(self, with_grad: list[tuple[int, Tensor]]):
-        """Validate grads, create missing state, and group tensors into launch buckets."""
+        """Create missing state and group tensors into launch buckets."""
         from .triton_backend import Bucket
-        for gi, p in with_grad:
-            g = p.grad
-            name = f"a parameter of param_groups[{gi}] (shape {tuple(p.shape)})"
-            if g.is_sparse:
-                raise RuntimeError(f"TiedAdamW does not support sparse gradients: {name} has a "
-                                   f"sparse grad; use dense gradients (e.g. "
-                                   f"nn.Embedding(sparse=False)) or torch.optim.SparseAdam")
-            if g.shape != p.shape or g.dtype != p.dtype:
-                raise RuntimeError(f"grad of {name} has shape {tuple(g.shape)} and dtype "
-                                   f"{g.dtype}; it must match the param ({tuple(p.shape)}, "
-                                   f"{p.dtype})")
-            if g.device != p.device:
-                raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
-        for _, p in with_grad:  # nothing above raised: now state may change
+        for _, p in with_grad:
             if len(self.state[p]) == 0:
                 self._init_state(p)
         buckets: dict[tuple, Any] = {}
@@ -267,8 +270,13 @@ class TiedAdamW(Optimizer):
             self._sync_beta(group, where)
             H.check_lr(group["lr"], where)
             for p in group["params"]:
-                if p.grad is not None:
-                    with_grad.append((gi, p))
+                g = p.grad
+                if g is None:
+                    continue
+                # Checked every step, before anything changes: grads are fresh tensors.
+                if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    self._check_grad(gi, p, g)
+                with_grad.append((gi, p))
         if not with_grad:
             return loss
         key = (tuple(id(p) for _, p in with_grad), self._state_version)

@@ -1,0 +1,123 @@
+"""The multi-tensor engine: one launch for any number of tensors, cached tables, alignment
+flags, int64 offsets."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from tiedadam import TiedAdamW
+from tiedadam.kernels import tied_adamw as K
+from tiedadam.kernels.multi_tensor import MultiTensorTable, build_chunks
+from reference import assert_close, ref_step
+
+
+def mlp(n_layers=30, dtype=torch.float32):
+    layers = []
+    for i in range(n_layers):
+        layers += [torch.nn.Linear(8 + i % 3, 8 + (i + 1) % 3, dtype=dtype)]
+    return torch.nn.Sequential(*layers)
+
+
+def test_one_launch_per_step_for_60_tensors():
+    model = mlp()
+    n = len(list(model.parameters()))
+    assert n >= 60
+    opt = TiedAdamW(model.parameters(), lr=1e-3, backend="triton")
+    builds = opt._tables.builds
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        before = K.launches
+        opt.step()
+        assert K.launches - before == 1
+    assert opt._tables.builds - builds == 1, "tables are built once, then reused"
+
+
+def test_one_launch_per_dtype_bucket():
+    a, b = mlp(3), mlp(3, torch.bfloat16)
+    opt = TiedAdamW(list(a.parameters()) + list(b.parameters()), backend="triton")
+    for p in list(a.parameters()) + list(b.parameters()):
+        p.grad = torch.randn_like(p)
+    before = K.launches
+    opt.step()
+    assert K.launches - before == 2
+
+
+def test_fresh_grads_repoint_without_rebuild_and_stay_correct():
+    # ZeRO-1/2 hands out fresh grad tensors every step: the table must follow them.
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (40, 70, 5)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = TiedAdamW(ps, lr=1e-2, beta=0.9, backend="triton")
+    ropt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.9), foreach=False)
+    keep = []  # keep old grads alive so new ones land at new addresses
+    addrs = set()
+    for _ in range(4):
+        for p, r in zip(ps, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g.clone()
+            keep.append(p.grad)
+            addrs.add(p.grad.data_ptr())
+        opt.step()
+        ropt.step()
+    assert len(addrs) == 12
+    assert opt._tables.builds == 1
+    for p, r in zip(ps, ref):
+        assert_close(p, r)
+
+
+def test_param_set_change_rebuilds():
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (4, 6, 8)]
+    opt = TiedAdamW(ps, backend="triton")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    ps[1].grad = None
+    opt.step()
+    assert opt._tables.builds == 2
+    assert [float(opt.state[p]["step"]) for p in ps] == [2.0, 1.0, 2.0]
+
+
+def test_alignment_flags():
+    base = torch.randn(65)
+    views = [base[:64], base[1:]]
+    roles = [views, [torch.randn(64)] * 2, [torch.randn(64)] * 2, [torch.randn(64)] * 2,
+             [torch.randn(64)] * 2]
+    t = MultiTensorTable(roles, [0, 0], 5, 4096, torch.device("cpu"))
+    assert t.aligned == [True, False]
+
+
+def test_chunks_are_int64_beyond_2_31():
+    numels = torch.tensor([3, 0, 2 ** 31 + 5, 70], dtype=torch.int64)
+    ch = build_chunks(numels, 2 ** 20)
+    assert ch.dtype == torch.int64
+    idx, starts = ch
+    assert idx.tolist().count(2) == 2 ** 11 + 1
+    assert starts[idx == 2][-1].item() == 2 ** 31
+    assert idx.tolist()[:1] == [0] and idx.tolist()[-1] == 3 and 1 not in idx.tolist()
+
+
+def test_kernel_offsets_beyond_2_31_elements():
+    """Update elements [2**31, 2**31 + n) of a tensor without allocating 8 GiB: the table holds a
+    base address 2**31 elements *before* real memory, so only int64 offset arithmetic can land
+    on the right bytes (int32 offsets would wrap to a negative offset)."""
+    n = K.CHUNK + 100  # one full aligned chunk and a masked tail past 2**31
+    far = 2 ** 31
+    p, g = torch.randn(n), torch.randn(n)
+    m, v = torch.randn(n) * 0.1, torch.rand(n)
+    step = torch.tensor(3.0)
+    expect = ref_step(p, g, m, v, 3, lr=1e-2, beta=0.9, eps=1e-8, weight_decay=0.1)
+    shift = far * 4
+    ptrs = [x.data_ptr() - shift for x in (p, g, m, v, p)] + [step.data_ptr()]
+    table = SimpleNamespace(
+        addr=torch.tensor(ptrs, dtype=torch.int64).reshape(6, 1),
+        meta=torch.tensor([[far + n], [0], [1]], dtype=torch.int64),
+        chunk=torch.tensor([[0, 0], [far, far + K.CHUNK]], dtype=torch.int64),
+        n_tensors=1, n_chunks=2)
+    hyper = torch.tensor([[1e-2, 0.9, 1e-8, 0.1]], dtype=torch.float64)
+    K.launch_tied_adamw(table, hyper, param_dtype=torch.float32, state_dtype=torch.float32,
+                        has_master=False)
+    assert_close(p, expect[0])
+    assert_close(m, expect[1])
+    assert_close(v, expect[2])

@@ -1,0 +1,101 @@
+"""Regenerate README.md's result tables from committed results files, so that every figure in
+the README is traceable to a JSON file that a real run wrote.
+
+    python perf/readme_tables.py [--readme README.md] [--check]
+
+Blocks between ``<!-- BEGIN:name -->`` and ``<!-- END:name -->`` are replaced; a block whose
+results file is missing says so instead of showing numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(rel):
+    path = os.path.join(ROOT, rel)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine_line(d) -> str:
+    m = d.get("machine_before") or {}
+    v = d.get("versions", {})
+    gpu = m.get("gpu")
+    where = (f"{gpu.get('name', gpu.get('torch_name'))}, driver {gpu.get('driver', '?')}" if gpu
+             else f"CPU: {m.get('host_cpu', '?')}, {m.get('cpu_cores', '?')} cores, no GPU")
+    return (f"*Machine: {where}; torch {v.get('torch')}, triton {v.get('triton')}, "
+            f"written {d.get('written', '?')}.*")
+
+
+def kernel_table(rel="perf/results/kernel_report.json") -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| variant | registers | spill bytes | widest load | widest store | 128-bit loads / stores |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v in d["variants"]:
+        lines.append(f"| {v['name']} | {v['registers']} | {v['spill_bytes']} | "
+                     f"{v['widest_load']} | {v['widest_store']} | "
+                     f"{v['loads'].get('LDG.E.128', 0)} / {v['stores'].get('STG.E.128', 0)} |")
+    return "\n".join(lines) + f"\n\n*{d['what']}; torch {d['versions']['torch']}, triton {d['versions']['triton']}.*"
+
+
+def step_table(rel) -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| workload | provider | tensors | elements | step ms | GB/s | % of copy | vs torch fused | host µs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        vs = f"{r['speedup_vs_torch_fused']:.2f}×" if r.get("speedup_vs_torch_fused") else "–"
+        lines.append(f"| {r['workload']} | {r['provider']} | {r['tensors']} | {r['numel']:,} | "
+                     f"{r['median_s'] * 1e3:.2f} | {r['bandwidth_Bps'] / 1e9:.1f} | "
+                     f"{r['pct_of_copy_bw']:.0f} | {vs} | {r['host_s'] * 1e6:.0f} |")
+    skipped = "; ".join(f"{k}: {v}" for k, v in d.get("skipped", {}).items())
+    return ("\n".join(lines) + "\n\n" + machine_line(d)
+            + (f" Skipped: {skipped}." if skipped else ""))
+
+
+BLOCKS = {
+    "kernel_report": kernel_table,
+    "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
+}
+
+
+def render(text: str) -> str:
+    for name, fn in BLOCKS.items():
+        pat = re.compile(rf"(<!-- BEGIN:{name} -->).*?(<!-- END:{name} -->)", re.S)
+        text = pat.sub(lambda m: m.group(1) + "\n" + fn() + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--check", action="store_true", help="exit 1 if README is out of date")
+    args = ap.parse_args(argv)
+    with open(args.readme) as f:
+        old = f.read()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print("README.md tables are out of date: run python perf/readme_tables.py")
+            return 1
+        return 0
+    with open(args.readme, "w") as f:
+        f.write(new)
+    print("README.md tables regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Each perf script runs in its smallest CPU configuration and writes sane JSON. Benchmarks never
+assert timings: only that times are positive and bytes are counted right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, tmp_path, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "perf", name), "--out",
+                           str(tmp_path), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_step_smallest(tmp_path):
+    scale = 0.0005
+    out = run_script("bench_step.py", "--scale", str(scale), "--iters", "3", "--warmup", "1",
+                     "--providers", "tiedadam,torch-fused,torch-fused+copy-bf16,bnb-adamw8bit",
+                     tmp_path=tmp_path)
+    assert "provider" in out.splitlines()[-6] or "skipped" in out
+    data = json.load(open(tmp_path / "bench_step.json"))
+    assert data["device"] == "cpu" and data["copy_bandwidth_Bps"] > 0
+    assert data["versions"]["torch"] and data["machine_before"]["host_cpu"]
+    assert "bnb-adamw8bit" in data["skipped"] or any(
+        r["provider"] == "bnb-adamw8bit" for r in data["results"])
+    rows = {(r["workload"], r["provider"]): r for r in data["results"]}
+    assert {w for w, _ in rows} == {"llama", "small", "flat"}
+    flat = rows[("flat", "tiedadam")]
+    assert flat["numel"] == round(2 ** 30 * scale) and flat["tensors"] == 1
+    assert flat["bytes"] == 28 * flat["numel"]
+    assert rows[("llama", "tiedadam")]["tensors"] == 201
+    assert rows[("small", "torch-fused")]["tensors"] == 2000
+    assert rows[("small", "torch-fused+copy-bf16")]["bytes"] == 34 * rows[("small", "torch-fused")]["numel"]
+    for r in data["results"]:
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["bandwidth_Bps"] > 0 and r["pct_of_copy_bw"] > 0 and r["host_s"] > 0
+        assert r["syncs"] is None  # CPU: no device to sync with
+    assert rows[("flat", "torch-fused")]["speedup_vs_torch_fused"] == 1.0
+    assert (tmp_path / "bench_step.png").stat().st_size > 1000

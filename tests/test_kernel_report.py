@@ -31,7 +31,8 @@ def report(tmp_path_factory):
 
 def expected_128(v):
     """128-bit accesses per thread per BLOCK on the full path, from the bytes each role moves."""
-    per_thread = 16 // ELEM[v["param"]]  # elements per thread per block (Note [block size])
+    # elements per thread per block: 16 bytes of the narrowest stored dtype (Note [block size])
+    per_thread = 16 // min(ELEM[v["param"]], ELEM[v["state"]])
     p_vec = per_thread * ELEM[v["param"]] // 16
     s_vec = per_thread * ELEM[v["state"]] // 16
     w_vec = per_thread * 4 // 16

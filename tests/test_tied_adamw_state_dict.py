@@ -59,7 +59,7 @@ def test_checkpoint_moves_and_training_continues(backend, src, dst):
     sd = roundtrip(first.state_dict())
     if src == "tied":
         assert set(sd["param_groups"][0]) == {"lr", "beta", "betas", "eps", "weight_decay",
-                                              "params"}
+                                              "capturable", "params"}
         assert sd["param_groups"][0]["betas"] == (BETA, BETA)
         assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     resumed = clone(part)

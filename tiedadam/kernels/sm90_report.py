@@ -31,6 +31,8 @@ class VariantReport:
     master: bool
     scale: bool
     flat: bool
+    state_sr: bool
+    param_sr: bool
     registers: int
     spill_bytes: int
     # SASS opcode -> count, e.g. {"LDG.E.128": 8, "STG.E.128": 6}
@@ -57,19 +59,33 @@ def _bits(op: str) -> int:
 
 
 def variants():
-    """Every specialisation the optimizer can launch."""
-    for param in (torch.float32, torch.bfloat16, torch.float16):
-        for master in ((False,) if param == torch.float32 else (False, True)):
-            for flat in (False, True):
-                yield dict(param=param, state=torch.float32, master=master, scale=False, flat=flat)
-    yield dict(param=torch.float16, state=torch.float32, master=False, scale=True, flat=False)
+    """The specialisations the optimizer launches (table and flat forms of each mode)."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    modes = [  # param, state, master, state SR, param SR
+        (fp32, fp32, False, False, False),
+        (bf16, fp32, False, False, False),
+        (fp16, fp32, False, False, False),
+        (bf16, fp32, True, False, False),    # master weights
+        (fp16, fp32, True, False, False),
+        (fp32, bf16, False, True, False),    # bf16 states, stochastic rounding
+        (fp32, bf16, False, False, False),   # bf16 states, round to nearest (ablation)
+        (bf16, bf16, False, True, True),     # pure bf16 with stochastic rounding
+        (bf16, bf16, True, True, False),     # master weights + bf16 states
+    ]
+    for param, state, master, ssr, psr in modes:
+        for flat in (False, True):
+            yield dict(param=param, state=state, master=master, scale=False, flat=flat,
+                       state_sr=ssr, param_sr=psr)
+    yield dict(param=fp16, state=fp32, master=False, scale=True, flat=False,
+               state_sr=False, param_sr=False)
 
 
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_variant(param, state, master, scale, flat, arch: int = 90) -> VariantReport:
+def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=False,
+                    arch: int = 90) -> VariantReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -77,9 +93,10 @@ def compile_variant(param, state, master, scale, flat, arch: int = 90) -> Varian
            "hyper_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
            "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
-           "flat_numel": "i64", "flat_aligned": "i32"}
+           "flat_numel": "i64", "flat_aligned": "i32", "seed": "i64"}
     consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
-                  HAS_SCALE=scale, FLAT=flat, CHUNK=K.CHUNK, BLOCK=K.block_for(param))
+                  HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, FLAT=flat,
+                  CHUNK=K.CHUNK, BLOCK=K.block_for(param, state))
     sig.update({k: "constexpr" for k in consts})
     # Direct tensor arguments are specialised as 16-byte aligned, as Triton does at launch.
     attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
@@ -99,10 +116,11 @@ def compile_variant(param, state, master, scale, flat, arch: int = 90) -> Varian
     ops = Counter(re.findall(r"\b((?:LDG|STG)\.E[\w.]*)", sass))
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     name = "-".join([f"p{short[param]}", f"s{short[state]}"] + (["master"] if master else [])
+                    + (["sr"] if state_sr else []) + (["psr"] if param_sr else [])
                     + (["scale"] if scale else []) + (["flat"] if flat else ["table"]))
     return VariantReport(
         name=name, param=short[param], state=short[state], master=master, scale=scale,
-        flat=flat, registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+        flat=flat, state_sr=state_sr, param_sr=param_sr, registers=int(re.search(r"REG:(\d+)", usage).group(1)),
         spill_bytes=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
         loads={k: v for k, v in ops.items() if k.startswith("LDG")},
         stores={k: v for k, v in ops.items() if k.startswith("STG")})

@@ -35,16 +35,17 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 
 # Note [block size]
 # Each program walks one CHUNK of one tensor in BLOCK-sized steps, so the chunk table stays
-# small (1B elements -> 16K rows). BLOCK gives every thread 16 bytes of the param per step:
-# one 128-bit access for the param and grad (two for fp32 states with bf16 params). Measured
-# by the sm_90 compile report (perf/kernel_report.py): fp32 at 4 elements/thread uses ~53
-# registers; 8/thread for fp32 doubles that (~154) with nothing gained.
+# small (1B elements -> 16K rows). BLOCK gives every thread 16 bytes of the *narrowest* stored
+# dtype per step, so every role moves in whole 128-bit accesses (fp32 states with bf16 params:
+# two per state). Measured by the sm_90 compile report (perf/kernel_report.py): all-fp32 at
+# 4 elements/thread uses ~56 registers; 8/thread doubles that with nothing gained.
 CHUNK = 65536
 NUM_WARPS = 4
 
 
-def block_for(param_dtype: torch.dtype) -> int:
-    return (16 // torch.empty((), dtype=param_dtype).element_size()) * 32 * NUM_WARPS
+def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
+    narrowest = min(torch.empty((), dtype=d).element_size() for d in (param_dtype, state_dtype))
+    return (16 // narrowest) * 32 * NUM_WARPS
 
 
 # FMA contraction off: results then match torch's op-by-op rounding, on every Triton version
@@ -58,10 +59,23 @@ launches = 0
 
 
 @triton.jit
-def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask,
+def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
+    """fp32 -> bf16. Stochastic: add 16 random low bits, then truncate, so that
+    E[round(x)] = x (unbiased); the result is exact in bf16, so no cast rounding is involved.
+    Otherwise round to nearest even."""
+    if STOCHASTIC:
+        bits = (x.to(tl.uint32, bitcast=True) + r16) & 0xFFFF0000
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
                       decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
+                      seed, t_u32, tid_u32,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_SCALE: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr):
     """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access)."""
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     if HAS_SCALE:
@@ -79,12 +93,28 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask,
     denom = tl.div_rn(tl.sqrt_rn(v), bc_sqrt) + eps
     p = p - step_size * tl.div_rn(m, denom)
 
-    tl.store(m_ptrs, m.to(STATE), mask=mask)
-    tl.store(v_ptrs, v.to(STATE), mask=mask)
+    if STATE_SR or PARAM_SR:
+        # Note [rng]: counter-based (Philox): counter = (element offset lo/hi, step, tensor),
+        # key = seed. Reproducible for a seed and step, independent across elements, steps
+        # and tensors, and free of any state to save.
+        z = (offs * 0).to(tl.uint32)
+        r0, r1, _, _ = tl.philox(seed, offs.to(tl.uint32), (offs >> 32).to(tl.uint32),
+                                 z + t_u32, z + tid_u32)
+    if STATE == tl.float32:
+        tl.store(m_ptrs, m, mask=mask)
+        tl.store(v_ptrs, v, mask=mask)
+    elif STATE_SR:
+        tl.store(m_ptrs, _round_to_bf16(m, r0 & 0xFFFF, True), mask=mask)
+        tl.store(v_ptrs, _round_to_bf16(v, r0 >> 16, True), mask=mask)
+    else:
+        tl.store(m_ptrs, _round_to_bf16(m, 0, False), mask=mask)
+        tl.store(v_ptrs, _round_to_bf16(v, 0, False), mask=mask)
     if HAS_MASTER:
         tl.store(w_ptrs, p, mask=mask)
     if PARAM == tl.float32:
         tl.store(p_ptrs, p, mask=mask)
+    elif PARAM_SR:
+        tl.store(p_ptrs, _round_to_bf16(p, r1 & 0xFFFF, True), mask=mask)
     else:
         tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
 
@@ -95,8 +125,10 @@ def _tied_adamw_kernel(
     hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
     scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
+    seed,  # int64 key of the rounding RNG (used when STATE_SR or PARAM_SR)
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_SCALE: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
+    FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Tied-beta AdamW over one chunk of one tensor (formula in the module docstring)."""
     pid = tl.program_id(0)
@@ -113,6 +145,7 @@ def _tied_adamw_kernel(
         start = pid.to(tl.int64) * CHUNK
         numel = flat_numel.to(tl.int64)
         group = 0
+        tid = pid * 0  # one tensor: index 0 (a tensor, so it converts like the table's)
         aligned = flat_aligned
         p_base = flat_p
         g_base = flat_g
@@ -138,7 +171,10 @@ def _tied_adamw_kernel(
     beta = tl.load(hyper_ptr + 4 * group + 1)
     eps = tl.load(hyper_ptr + 4 * group + 2)
     weight_decay = tl.load(hyper_ptr + 4 * group + 3)
-    t = tl.load(step_ptr).to(tl.float64)
+    t32 = tl.load(step_ptr)
+    t = t32.to(tl.float64)
+    t_u32 = t32.to(tl.uint32)
+    tid_u32 = tid.to(tl.uint32)
     c = 1.0 - tl.exp(t * tl.log(beta))  # beta**t; beta = 0 gives exp(-inf) = 0
     step_size = (lr / c).to(tl.float32)
     bc_sqrt = tl.sqrt(c).to(tl.float32)
@@ -155,24 +191,26 @@ def _tied_adamw_kernel(
             _tied_adamw_block(
                 tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
                 tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
-                tl.multiple_of(w_base + o, _ALIGN), None,
+                tl.multiple_of(w_base + o, _ALIGN), None, o,
                 decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
-                PARAM, STATE, HAS_MASTER, HAS_SCALE)
+                seed, t_u32, tid_u32, PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR)
     else:
         # Tail chunk, or a misaligned view: masked, no alignment promise.
         for i in range(0, CHUNK, BLOCK):
             o = offs + i
             _tied_adamw_block(p_base + o, g_base + o, m_base + o, v_base + o, w_base + o,
-                              o < numel,
+                              o < numel, o,
                               decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
-                              PARAM, STATE, HAS_MASTER, HAS_SCALE)
+                              seed, t_u32, tid_u32,
+                              PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR)
 
 
 def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                       grad_scale: torch.Tensor | None = None,
                       found_inf: torch.Tensor | None = None,
-                      flat: tuple | None = None) -> None:
+                      flat: tuple | None = None, seed: int = 0,
+                      state_sr: bool = False, param_sr: bool = False) -> None:
     """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)).
 
     The step counts must already hold t (incremented before the launch).
@@ -182,9 +220,12 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     dummy = hyper  # any tensor: unused pointer arguments still need a value
     scale = grad_scale if has_scale else dummy
     inf = found_inf if has_scale else dummy
+    state_sr = state_sr and state_dtype == torch.bfloat16
+    param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
     consts = dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
-                  HAS_MASTER=has_master, HAS_SCALE=has_scale, CHUNK=CHUNK,
-                  BLOCK=block_for(param_dtype), num_warps=NUM_WARPS,
+                  HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
+                  PARAM_SR=param_sr, CHUNK=CHUNK,
+                  BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
                   enable_fp_fusion=ENABLE_FP_FUSION)
     if flat is not None:
         p, g, m, v, w, step = flat
@@ -194,12 +235,12 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
         grid = (triton.cdiv(n, CHUNK),)
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
-                                 p, g, m, v, w, step, n, aligned, FLAT=True, **consts)
+                                 p, g, m, v, w, step, n, aligned, seed, FLAT=True, **consts)
     else:
         if table.n_chunks == 0:
             return
         grid = (table.n_chunks,)
         _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
                                  scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0,
-                                 FLAT=False, **consts)
+                                 seed, FLAT=False, **consts)
     launches += 1

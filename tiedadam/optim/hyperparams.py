@@ -80,6 +80,27 @@ def check_backend(backend: Any) -> str:
     return backend
 
 
+# Note [bf16 state bound]
+# The EMA step changes a state x by (1 - beta) * (y - x), a relative change of about (1 - beta)
+# when the new value y differs from x by x's own size (as g*g does from v, step after step).
+# bf16 keeps 8 significant bits: its unit roundoff is u = 2**-8, so a change below
+# u*|x| (half an ulp at worst) is rounded away by round-to-nearest, and the EMA freezes; with
+# stochastic rounding it survives only in expectation, under rounding noise of about one ulp
+# per step, larger than the change itself. So bf16 state needs 1 - beta >= 2**-8, i.e.
+# beta <= 1 - 2**-8 = 0.99609375. Tied betas live far inside (0.95 is the usual value); the
+# untied default beta2 = 0.999 would be outside, which is why bf16 Adam states stall there.
+BF16_STATE_MAX_BETA = 1.0 - 2.0 ** -8
+
+
+def check_beta_for_state(beta: float, state_dtype: torch.dtype, where: str = "") -> None:
+    if state_dtype == torch.bfloat16 and beta > BF16_STATE_MAX_BETA:
+        raise ValueError(
+            f"{where}beta={beta} is too close to 1 for state_dtype=torch.bfloat16: each EMA step "
+            f"changes the state by a relative {1 - beta:.2g}, below bf16's unit roundoff 2**-8, "
+            f"so the state would stop tracking its average. Use beta <= {BF16_STATE_MAX_BETA} "
+            f"(0.95 is the usual tied value) or state_dtype=torch.float32.")
+
+
 def check_state_dtype(state_dtype: Any) -> torch.dtype:
     if state_dtype is None:
         return torch.float32

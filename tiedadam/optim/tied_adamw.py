@@ -50,14 +50,30 @@ class TiedAdamW(Optimizer):
         betas: alternative to ``beta`` for drop-in use with AdamW configs; must be (β, β).
         backend: ``"auto"`` (Triton for CUDA tensors, torch's fused AdamW for CPU tensors),
             ``"triton"`` or ``"torch"``.
+        master_weights: for bf16/fp16 params, keep an fp32 copy (state ``master_param``) that
+            the kernel updates, writing the rounded (nearest-even) param in the same pass.
+        state_dtype: ``torch.float32`` (default, also for bf16 params) or ``torch.bfloat16``
+            for exp_avg/exp_avg_sq; bf16 needs beta <= 1 - 2**-8 (Note [bf16 state bound]).
+        stochastic_rounding: round bf16 states stochastically (unbiased). Default True; False
+            rounds to nearest (for ablations).
+        param_stochastic_rounding: round bf16 params written without master weights
+            stochastically. Default False (round to nearest).
+        seed: key of the rounding RNG. Default: ``torch.initial_seed()``, so
+            ``torch.manual_seed`` makes runs reproducible (no global RNG state is consumed).
+        capturable: keep everything the step reads on the device (lr as a device tensor may
+            change between CUDA-graph replays). Group key, as in torch.
 
     State per parameter (torch's names): ``step`` (fp32 scalar on the parameter's device),
-    ``exp_avg``, ``exp_avg_sq`` (fp32, also for bf16/fp16 parameters; math is always fp32).
+    ``exp_avg``, ``exp_avg_sq`` (fp32 by default, also for bf16/fp16 parameters; math is always
+    fp32), and ``master_param`` with master weights.
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, beta: Any = _UNSET,
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, betas: Any = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = True,
+                 param_stochastic_rounding: bool = False, seed: int | None = None,
+                 capturable: bool = False):
         self.backend = H.check_backend(backend)
         if backend == "triton":
             reason = triton_unavailable_reason()
@@ -67,14 +83,26 @@ class TiedAdamW(Optimizer):
         H.check_eps(eps)
         H.check_weight_decay(weight_decay)
         beta = self._resolve_beta(beta, betas, "")
-        self.state_dtype = torch.float32
+        self.state_dtype = H.check_state_dtype(state_dtype)
+        H.check_beta_for_state(beta, self.state_dtype)
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.param_stochastic_rounding = bool(param_stochastic_rounding)
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.seed = int(torch.initial_seed() if seed is None else seed) % (2 ** 63)
+        self._generators: dict = {}
+        self._hyper_dev: dict = {}
         defaults = dict(lr=lr, beta=beta, betas=(beta, beta), eps=eps,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, capturable=bool(capturable))
         self._state_version = 0
         self._plans: OrderedDict = OrderedDict()
         self._tables = TableCache()
         self._beta_seen: dict[int, float] = {}
         super().__init__(params, defaults)
+        # torch.amp.GradScaler then hands us grad_scale/found_inf instead of unscaling the
+        # grads in a separate pass; the kernel unscales and skips non-finite steps itself.
+        self._step_supports_amp_scaling = True
 
     # ------------------------------------------------------------------ param groups
     @staticmethod
@@ -95,6 +123,7 @@ class TiedAdamW(Optimizer):
             beta = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"), where)
         else:
             beta = self.defaults["beta"]
+        H.check_beta_for_state(beta, self.state_dtype, where)
         group["beta"], group["betas"] = beta, (beta, beta)
         for k in ("lr", "eps", "weight_decay"):
             if k in group:
@@ -129,8 +158,12 @@ class TiedAdamW(Optimizer):
         self.__dict__.setdefault("_plans", OrderedDict())
         self.__dict__.setdefault("_tables", TableCache())
         self.__dict__.setdefault("_beta_seen", {})
+        self.__dict__.setdefault("_generators", {})
+        self.__dict__.setdefault("_hyper_dev", {})
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("state_dtype", torch.float32)
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
         self._invalidate()
 
     def _invalidate(self) -> None:
@@ -159,6 +192,7 @@ class TiedAdamW(Optimizer):
         else:
             raise ValueError(f"{where}beta={beta} and betas={betas} disagree: set one of them "
                              f"(TiedAdamW keeps betas == (beta, beta))")
+        H.check_beta_for_state(beta, self.state_dtype, where)
         group["beta"], group["betas"] = beta, (beta, beta)
 
     # ------------------------------------------------------------------ state
@@ -170,6 +204,22 @@ class TiedAdamW(Optimizer):
                                             memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype,
                                                memory_format=torch.preserve_format)
+        self._init_master(p)
+
+    def _init_master(self, p: Tensor) -> None:
+        if self.master_weights and p.dtype != torch.float32 and MASTER_KEY not in self.state[p]:
+            self.state[p][MASTER_KEY] = p.detach().to(torch.float32, copy=True)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state held on each device (local shards for DTensors), e.g.
+        ``{"cuda:0": 12_000_000}``: for memory accounting without guessing."""
+        out: dict[str, int] = {}
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    t = _local(v)
+                    out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a TiedAdamW or torch.optim.AdamW(betas=(b, b)) state dict.
@@ -178,7 +228,8 @@ class TiedAdamW(Optimizer):
         exp_avg_sq keep this optimizer's state dtype (fp32 by default, also for bf16 params).
         """
         for i, g in enumerate(state_dict["param_groups"]):  # refuse before anything changes
-            self._resolve_beta(g.get("beta", _UNSET), g.get("betas"), f"param_groups[{i}]: ")
+            b = self._resolve_beta(g.get("beta", _UNSET), g.get("betas"), f"param_groups[{i}]: ")
+            H.check_beta_for_state(b, self.state_dtype, f"param_groups[{i}]: ")
         own = {}
         stripped = {}
         for k, s in state_dict["state"].items():
@@ -195,6 +246,8 @@ class TiedAdamW(Optimizer):
                 state[n] = self._cast_loaded(p, n, v)
             if not state:
                 del self.state[p]
+            elif "exp_avg" in state:
+                self._init_master(p)  # a checkpoint without master weights: start from params
         self._invalidate()
 
     def _cast_loaded(self, p: Tensor, name: str, v: Any) -> Tensor:
@@ -244,17 +297,20 @@ class TiedAdamW(Optimizer):
             local = _local(p)
             st = self.state[p]
             m = _local(st["exp_avg"])
-            key = (local.device, local.dtype, m.dtype, self._backend_for(local.device))
+            master = st.get(MASTER_KEY)
+            key = (local.device, local.dtype, m.dtype, master is not None,
+                   self._backend_for(local.device))
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(local.device, local.dtype, m.dtype, False)
+                b = buckets[key] = Bucket(local.device, local.dtype, m.dtype, master is not None)
             b.params.append(local)
+            b.masters.append(_local(master) if master is not None else None)
             b.sources.append(p)
             b.exp_avgs.append(m)
             b.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
             b.steps.append(st["step"])
             b.groups.append(gi)
-        return [(k[3], b) for k, b in buckets.items()]
+        return [(k[4], b) for k, b in buckets.items()]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -290,23 +346,39 @@ class TiedAdamW(Optimizer):
         for i, (backend, b) in enumerate(plan):
             if backend == "triton":
                 from .triton_backend import triton_step
-                triton_step([b], [(key, i)], groups, self._tables,
+                triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
+                            seed=self.seed, state_sr=self.stochastic_rounding,
+                            param_sr=self.param_stochastic_rounding,
                             grad_scale=grad_scale, found_inf=found_inf)
             else:
                 self._torch_step(b, groups, grad_scale, found_inf)
         self._beta_seen = {id(g): g["beta"] for g in groups}
         return loss
 
-    @staticmethod
-    def _torch_step(b, groups, grad_scale, found_inf) -> None:
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The torch backend's rounding RNG: sequential, seeded once from ``seed`` per device
+        (the Triton path's Philox stream is a pure function of seed, step and element)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+        return gen
+
+    def _torch_step(self, b, groups, grad_scale, found_inf) -> None:
         grads = [_local(s.grad) for s in b.sources]
         torch._foreach_add_(b.steps, 1.0)
+        sr = ((self.stochastic_rounding and b.state_dtype == torch.bfloat16)
+              or (self.param_stochastic_rounding and b.param_dtype == torch.bfloat16
+                  and not b.has_master))
+        gen = self._generator(b.device) if sr else None
         for gi in sorted(set(b.groups)):
             idx = [i for i, g in enumerate(b.groups) if g == gi]
             group = groups[gi]
             torch_tied_adamw([b.params[i] for i in idx], [grads[i] for i in idx],
                              [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
-                             [None] * len(idx), [b.steps[i] for i in idx],
+                             [b.masters[i] for i in idx], [b.steps[i] for i in idx],
                              lr=group["lr"], beta=group["beta"], eps=group["eps"],
                              weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                             found_inf=found_inf)
+                             found_inf=found_inf, generator=gen,
+                             state_sr=self.stochastic_rounding,
+                             param_sr=self.param_stochastic_rounding)

@@ -382,3 +382,6 @@ class TiedAdamW(Optimizer):
                              found_inf=found_inf, generator=gen,
                              state_sr=self.stochastic_rounding,
                              param_sr=self.param_stochastic_rounding)
+        if found_inf is not None:  # a skipped step does not count
+            inf = found_inf.to(b.device, torch.float32)
+            torch._foreach_sub_(b.steps, [inf] * len(b.steps))

@@ -67,6 +67,28 @@ def test_fresh_grads_repoint_without_rebuild_and_stay_correct():
         assert_close(p, r)
 
 
+def test_single_tensor_bucket_uses_its_own_group():
+    # One tensor in a bucket goes to the kernel as direct arguments (Note [flat]); it must still
+    # read its own group's hyperparameters (ZeRO-3 fills group i, not group 0, per call).
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(70))
+    ra, rb = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    opt = TiedAdamW([{"params": [a]}, {"params": [b], "lr": 3e-2, "beta": 0.5,
+                                       "weight_decay": 0.0}],
+                    lr=1e-2, beta=0.9, weight_decay=0.1, backend="triton")
+    ref = torch.optim.AdamW([{"params": [ra]}, {"params": [rb], "lr": 3e-2, "betas": (0.5, 0.5),
+                                                "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        b.grad = torch.randn_like(b)
+        rb.grad = b.grad.clone()
+        before = K.launches
+        opt.step()
+        ref.step()
+        assert K.launches - before == 1
+    assert_close(b, rb)
+    assert torch.equal(a, ra)
+
+
 def test_param_set_change_rebuilds():
     ps = [torch.nn.Parameter(torch.randn(n)) for n in (4, 6, 8)]
     opt = TiedAdamW(ps, backend="triton")

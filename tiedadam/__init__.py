@@ -1,6 +1,11 @@
 """tiedadam: multi-tensor AdamW with tied betas (beta1 = beta2 = beta) on Triton kernels."""
 
+from .integrations import deepspeed as _deepspeed
 from .optim import TiedAdamW
 
 __all__ = ["TiedAdamW"]
 __version__ = "0.1.0"
+
+# `"type": "TiedAdamW"` in a DeepSpeed config (Note [deepspeed registration]); imports nothing
+# from DeepSpeed until DeepSpeed itself is imported.
+_deepspeed.register()

@@ -93,7 +93,8 @@ def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=
            "hyper_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
            "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
-           "flat_numel": "i64", "flat_aligned": "i32", "seed": "i64"}
+           "flat_numel": "i64", "flat_aligned": "i32", "flat_group": "i32",
+           "seed": "i64"}
     consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
                   HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, FLAT=flat,
                   CHUNK=K.CHUNK, BLOCK=K.block_for(param, state))

@@ -125,6 +125,7 @@ def _tied_adamw_kernel(
     hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
     scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
+    flat_group,  # FLAT only: the tensor's row in the hyperparameter table
     seed,  # int64 key of the rounding RNG (used when STATE_SR or PARAM_SR)
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
@@ -144,7 +145,7 @@ def _tied_adamw_kernel(
         # One flat tensor (a ZeRO partition): pointers are direct arguments, no tables.
         start = pid.to(tl.int64) * CHUNK
         numel = flat_numel.to(tl.int64)
-        group = 0
+        group = flat_group
         tid = pid * 0  # one tensor: index 0 (a tensor, so it converts like the table's)
         aligned = flat_aligned
         p_base = flat_p
@@ -209,9 +210,10 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                       grad_scale: torch.Tensor | None = None,
                       found_inf: torch.Tensor | None = None,
-                      flat: tuple | None = None, seed: int = 0,
+                      flat: tuple | None = None, flat_group: int = 0, seed: int = 0,
                       state_sr: bool = False, param_sr: bool = False) -> None:
-    """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)).
+    """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)
+    of param group ``flat_group``).
 
     The step counts must already hold t (incremented before the launch).
     """
@@ -235,12 +237,13 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
         grid = (triton.cdiv(n, CHUNK),)
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
-                                 p, g, m, v, w, step, n, aligned, seed, FLAT=True, **consts)
+                                 p, g, m, v, w, step, n, aligned, flat_group, seed, FLAT=True,
+                                 **consts)
     else:
         if table.n_chunks == 0:
             return
         grid = (table.n_chunks,)
         _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
-                                 scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0,
+                                 scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
                                  seed, FLAT=False, **consts)
     launches += 1

@@ -85,7 +85,8 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
         # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.
         K.launch_tied_adamw(None, hyper, flat=(b.params[0], grads[0], b.exp_avgs[0],
-                                               b.exp_avg_sqs[0], masters[0], b.steps[0]), **kw)
+                                               b.exp_avg_sqs[0], masters[0], b.steps[0]),
+                            flat_group=b.groups[0], **kw)
     else:
         roles = (b.params, grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
         table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,

@@ -1,0 +1,173 @@
+"""Rank bodies for the DeepSpeed tests (importable: spawn pickles them by reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+import tiedadam  # noqa: F401  what a user does: publishes "TiedAdamW" for DeepSpeed configs
+
+BETA = 0.9
+N_IN, HIDDEN = 12, 24
+
+
+class Net(nn.Module):
+    """Linear layers with biases and a LayerNorm: two param groups (decay / no decay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(N_IN, HIDDEN)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.b = nn.Linear(HIDDEN, HIDDEN)
+        self.c = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x, y):
+        x = x.to(self.a.weight.dtype)
+        h = torch.tanh(self.b(self.norm(torch.relu(self.a(x)))))
+        return ((self.c(h).float().squeeze(-1) - y) ** 2).mean()
+
+
+def groups(model, wd=0.1):
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and "norm" not in n)]
+    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+
+
+def ds_config(stage: int, precision: str, *, opt_type="TiedAdamW", offload=False,
+              clipping=1.0, opt_params=None) -> dict:
+    params = {"lr": 1e-2, "betas": [BETA, BETA], "weight_decay": 0.1}
+    if opt_type == "AdamW":
+        params["torch_adam"] = True  # DeepSpeed's FusedAdam is a CUDA op
+    else:
+        # the Triton kernel (interpreted) on "device" partitions; torch's fused CPU AdamW on
+        # offloaded CPU partitions, which is what "auto" picks there
+        params["backend"] = "auto" if offload else "triton"
+    if opt_params:
+        params.update(opt_params)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": clipping,
+        "optimizer": {"type": opt_type, "params": params},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2,
+                       "hysteresis": 1, "min_loss_scale": 1}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return cfg
+
+
+def batches(rank, n_steps, seed=1):
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return [(torch.randn(4, N_IN, generator=g), torch.randn(4, generator=g))
+            for _ in range(n_steps)]
+
+
+def full_params(engine, stage):
+    import deepspeed
+    params = list(engine.module.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().float().clone() for p in params]
+    return [p.detach().float().clone() for p in params]
+
+
+def train(cfg, model, data, optimizer=None, ckpt=None, stage=0):
+    """Train on ``data``; ``ckpt=(dir, "save"|"load", at)``: save after step ``at`` / load a
+    checkpoint before training (continuing from ``at``)."""
+    import deepspeed
+    kw = dict(model=model, config=copy.deepcopy(cfg))
+    if optimizer is None:
+        kw["model_parameters"] = groups(model)
+    else:
+        kw["optimizer"] = optimizer
+        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            kw["model_parameters"] = groups(model)
+    engine, opt, _, _ = deepspeed.initialize(**kw)
+    start = 0
+    if ckpt is not None and ckpt[1] == "load":
+        engine.load_checkpoint(ckpt[0], tag="t")
+        start = ckpt[2]
+    losses = []
+    for i, (x, y) in enumerate(data[start:], start=start):
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        if ckpt is not None and ckpt[1] == "save" and i + 1 == ckpt[2]:
+            engine.save_checkpoint(ckpt[0], tag="t")
+    out = dict(losses=losses, params=full_params(engine, stage),
+               opt_type=type(engine.optimizer).__name__,
+               basic=type(getattr(engine, "basic_optimizer", None) or opt).__name__,
+               skipped=int(getattr(engine, "skipped_steps", 0)))
+    engine.destroy()
+    return out
+
+
+def parity(rank, world, stage, precision, offload, steps):
+    """TiedAdamW (config name, Triton path or CPU path) vs DeepSpeed's own AdamW."""
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    ours = train(ds_config(stage, precision, offload=offload), copy.deepcopy(base), data,
+                 stage=stage)
+    ref = train(ds_config(stage, precision, opt_type="AdamW", offload=offload),
+                copy.deepcopy(base), data, stage=stage)
+    return ours, ref
+
+
+def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
+    """Uninterrupted run vs save at ``at`` + fresh engine + load + continue."""
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    cfg = ds_config(stage, precision, offload=offload)
+    whole = train(cfg, copy.deepcopy(base), data, stage=stage)
+    train(cfg, copy.deepcopy(base), data, ckpt=(ckpt_dir, "save", at), stage=stage)
+    torch.manual_seed(123)  # the resumed model starts from different weights: load must fix it
+    resumed = train(cfg, Net(), data, ckpt=(ckpt_dir, "load", at), stage=stage)
+    return whole, resumed
+
+
+def client_optimizer(rank, world, kind, stage, offload, steps):
+    """TiedAdamW passed to deepspeed.initialize(optimizer=...) as an instance or a callable."""
+    from tiedadam import TiedAdamW
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    cfg = ds_config(stage, "fp32", offload=offload)
+    del cfg["optimizer"]
+    if offload:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    model = copy.deepcopy(base)
+    backend = "auto" if offload else "triton"
+    if kind == "instance":
+        opt = TiedAdamW(groups(model), lr=1e-2, beta=BETA, weight_decay=0.1, backend=backend)
+    else:
+        def opt(params):
+            return TiedAdamW(params, lr=1e-2, beta=BETA, weight_decay=0.1, backend=backend)
+    ours = train(cfg, model, data, optimizer=opt, stage=stage)
+    ref = train(ds_config(stage, "fp32", opt_type="AdamW", offload=offload),
+                copy.deepcopy(base), data, stage=stage)
+    return ours, ref
+
+
+def untied(rank, world):
+    import deepspeed
+    cfg = ds_config(1, "fp32")
+    cfg["optimizer"]["params"]["betas"] = [0.9, 0.999]
+    model = Net()
+    try:
+        deepspeed.initialize(model=model, model_parameters=groups(model), config=cfg)
+    except ValueError as e:
+        return str(e)
+    return None
+

@@ -1,0 +1,99 @@
+"""TiedAdamW under real DeepSpeed ZeRO (2 processes, gloo, CPU): config entry, every stage,
+offload, client optimizers, checkpoint resume, the launcher. The Triton path runs in the
+interpreter on "device" partitions; offloaded partitions take torch's fused CPU AdamW.
+
+fp16 is not here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported on your
+device"); tests/test_gpu_deepspeed.py covers fp16 loss scaling on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+import ds_ranks  # noqa: E402
+from distributed import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 6
+
+
+def assert_same_training(ours, ref, precision, exact=False):
+    if exact:
+        assert ours["losses"] == ref["losses"]
+        for a, b in zip(ours["params"], ref["params"]):
+            assert torch.equal(a, b)
+        return
+    # fp32: op-for-op the same math as torch's AdamW; bf16 params are rounded copies of fp32
+    # partitions that agree to fp32 rounding, so at most one bf16 ulp apart
+    rtol = {"fp32": 1e-5, "bf16": 2 ** -7}[precision]
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]),
+                               rtol=rtol, atol=1e-6)
+    for a, b in zip(ours["params"], ref["params"]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage, precision, offload", [
+    (0, "fp32", False), (1, "bf16", False), (2, "fp32", False), (3, "fp32", False),
+    (3, "bf16", False), (1, "fp32", True), (2, "fp32", True), (3, "bf16", True)])
+def test_config_entry_matches_deepspeed_adamw(stage, precision, offload):
+    for ours, ref in run_ranks(ds_ranks.parity, stage, precision, offload, STEPS):
+        assert ours["basic"] == "TiedAdamW"
+        assert len(ours["losses"]) == STEPS
+        assert_same_training(ours, ref, precision)
+
+
+@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (3, False), (2, True),
+                                            (3, True)])
+def test_checkpoint_resume_is_bitwise(stage, offload, tmp_path):
+    at = 3
+    for whole, resumed in run_ranks(ds_ranks.resume, stage, "fp32", offload, STEPS, at,
+                                    str(tmp_path)):
+        assert resumed["losses"] == whole["losses"][at:]
+        for a, b in zip(resumed["params"], whole["params"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind, stage, offload", [("instance", 2, False), ("callable", 1, False),
+                                                  ("instance", 2, True)])
+def test_client_optimizer_instance_or_callable(kind, stage, offload):
+    for ours, ref in run_ranks(ds_ranks.client_optimizer, kind, stage, offload, STEPS):
+        assert ours["basic"] == "TiedAdamW"
+        assert_same_training(ours, ref, "fp32")
+
+
+def test_untied_betas_fail_at_initialize():
+    for msg in run_ranks(ds_ranks.untied):
+        assert msg is not None and "untied" in msg and "beta=0.999" in msg
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deepspeed_launcher_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(_free_port()),
+                           os.path.join(HERE, "ds_launched.py")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{.*?\})", out)]
+    assert sorted(r["rank"] for r in results) == [0, 1], out[-4000:]
+    for r in results:
+        assert r["optimizer"] == "TiedAdamW" and len(r["losses"]) == 3
+        assert all(x == x and x < 1e3 for x in r["losses"])

@@ -1,0 +1,156 @@
+"""GPU-only checks (``pytest -m gpu``; skipped without CUDA): compiled kernels, rounding modes
+the interpreter cannot show, CUDA-graph capture, no host syncs, int64 offsets on real memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiedadam import TiedAdamW
+from tiedadam.kernels import tied_adamw as K
+from reference import assert_close, ref_step
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def params(dtype=torch.float32, sizes=(1, 3, 1000, K.CHUNK + 3, 1 << 20)):
+    ps = [torch.randn(n, device=DEV, dtype=dtype) for n in sizes]
+    base = torch.randn(1 + 1001, device=DEV, dtype=dtype)
+    ps.append(base[1:])  # misaligned view
+    return [torch.nn.Parameter(p) for p in ps]
+
+
+def test_fp32_matches_torch_adamw_on_gpu():
+    ours = params()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = TiedAdamW(ours, lr=1e-2, beta=0.9, weight_decay=0.1, backend="triton")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    for _ in range(10):
+        for a, b in zip(ours, theirs):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert_close(a, b)
+
+
+def test_master_weight_param_is_round_to_nearest_even():
+    ps = params(torch.bfloat16)
+    opt = TiedAdamW(ps, lr=1e-3, master_weights=True, backend="triton")
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in ps:
+        assert torch.equal(p.detach(), opt.state[p]["master_param"].to(torch.bfloat16))
+
+
+def test_bf16_state_nearest_is_round_to_nearest_even():
+    ps = params(torch.float32, (4096,))
+    m0 = torch.zeros(4096, device=DEV)
+    opt = TiedAdamW(ps, lr=1e-3, beta=0.9, state_dtype=torch.bfloat16, stochastic_rounding=False)
+    ps[0].grad = torch.randn_like(ps[0])
+    opt.step()
+    expect = (m0 + 0.1 * (ps[0].grad - m0)).to(torch.bfloat16)
+    assert torch.equal(opt.state[ps[0]]["exp_avg"], expect)
+
+
+def test_stochastic_rounding_unbiased_on_gpu():
+    n, beta, g = 1 << 20, 0.9, 4.0 / 3.0
+    p = torch.nn.Parameter(torch.zeros(n, device=DEV))
+    opt = TiedAdamW([p], beta=beta, state_dtype=torch.bfloat16, seed=3)
+    p.grad = torch.full((n,), g, device=DEV)
+    opt.step()
+    exact = float(torch.tensor(1 - beta) * torch.tensor(g))
+    m = opt.state[p]["exp_avg"].double()
+    ulp = 2.0 ** (torch.floor(torch.log2(torch.tensor(exact))).item() - 7)
+    assert abs(float(m.mean()) - exact) < 6 * 0.5 * ulp / n ** 0.5
+
+
+def test_step_makes_no_host_sync():
+    ps = params()
+    opt = TiedAdamW(ps, lr=1e-3, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_amp_skip_changes_nothing_and_never_syncs():
+    ps = params(torch.float16, (1000, 5000))
+    opt = TiedAdamW(ps, lr=1e-3, backend="triton")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snap = [p.detach().clone() for p in ps], [dict((k, v.clone()) for k, v in opt.state[p].items())
+                                              for p in ps]
+    ps[1].grad[7] = float("inf")
+    opt.grad_scale = torch.tensor(1024.0, device=DEV)
+    opt.found_inf = torch.tensor(1.0, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        del opt.grad_scale, opt.found_inf
+    for p, p0, s0 in zip(ps, *snap):
+        assert torch.equal(p, p0)
+        assert all(torch.equal(opt.state[p][k], s0[k]) for k in s0)
+
+
+def test_cuda_graph_capture_replays_with_changing_lr():
+    ps = params(torch.float32, (1000, 70000))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    lr = torch.tensor(1e-2, device=DEV)
+    opt = TiedAdamW(ps, lr=lr, beta=0.9, capturable=True, backend="triton")
+    ropt = TiedAdamW(ref, lr=1e-2, beta=0.9, backend="triton")
+    grads = [torch.randn_like(p) for p in ps]
+    for p, r, g in zip(ps, ref, grads):
+        p.grad, r.grad = g, g.clone()
+    # warm up on a side stream (tables, compilation), as torch's graph docs ask
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    ropt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i, new_lr in enumerate([5e-3, 2e-3, 1e-3]):
+        lr.fill_(new_lr)
+        graph.replay()
+        ropt.param_groups[0]["lr"] = new_lr
+        ropt.step()
+    torch.cuda.synchronize()
+    for p, r in zip(ps, ref):
+        assert_close(p, r)
+    assert float(opt.state[ps[0]]["step"]) == 4.0
+
+
+def test_offsets_beyond_2_31_on_real_memory():
+    n = (1 << 31) + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2 ** 30:
+        pytest.skip("needs ~26 GiB of free GPU memory")
+    p = torch.nn.Parameter(torch.randn(n, device=DEV, dtype=torch.bfloat16))
+    p.grad = torch.randn_like(p)
+    opt = TiedAdamW([p], lr=1e-2, beta=0.9, weight_decay=0.1, master_weights=True)
+    tail = slice(n - 70000, n)
+    p0, g0 = p.detach()[tail].clone(), p.grad[tail].clone()
+    opt.step()
+    rp, rm, rv = ref_step(p0.float(), g0, torch.zeros_like(p0, dtype=torch.float32),
+                          torch.zeros_like(p0, dtype=torch.float32), 1, lr=1e-2, beta=0.9,
+                          eps=1e-8, weight_decay=0.1)
+    st = opt.state[p]
+    assert_close(st["master_param"][tail], rp)
+    assert_close(st["exp_avg"][tail], rm)
+    assert_close(st["exp_avg_sq"][tail], rv)

@@ -65,7 +65,37 @@ def step_table(rel) -> str:
             + (f" Skipped: {skipped}." if skipped else ""))
 
 
+def precision_table(rel="perf/results/cpu/precision_study.json") -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| mode | final train loss | val loss | val − fp32 | mean \\|curve gap\\| | state bytes |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in d["summary"]:
+        lines.append(f"| {r['mode']} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
+                     f"{r['val_gap_vs_fp32']:+.4f} | {r['mean_abs_curve_gap']:.4f} | "
+                     f"{sum(r['state_bytes'].values()):,} |")
+    m, c = d["model"], d["config"]
+    return ("\n".join(lines) + f"\n\n*{m['params']:,}-parameter LM ({m['n_layers']} layers, "
+            f"d={m['d_model']}), {c['steps']} steps, {c['seeds']} seeds averaged, beta={c['beta']}, "
+            f"lr={c['lr']}; " + machine_line({"machine_before": d["machine"], **d})[1:])
+
+
+def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| provider | step ms | GB/s | Mparam/s | vs DeepSpeedCPUAdam |", "|---|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        vs = r.get("speedup_vs_deepspeed_cpu_adam")
+        lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.1f} | {r['bandwidth_Bps'] / 1e9:.1f} | "
+                     f"{r['params_per_s'] / 1e6:.0f} | {f'{vs:.2f}×' if vs else '–'} |")
+    return "\n".join(lines) + f"\n\n*{d['config']['numel']:,}-element partition; " + machine_line(d)[1:]
+
+
 BLOCKS = {
+    "precision_study": precision_table,
+    "cpu_offload": offload_table,
     "kernel_report": kernel_table,
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
 }

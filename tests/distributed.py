@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _child(fn, rank, world, init_file, q, args, timeout):
+def _child(fn, rank, world, init_file, q, args, timeout, backend):
     # A hang shows where it hangs: every thread's stack goes to stderr before the parent gives up.
     faulthandler.dump_traceback_later(max(1.0, timeout - 10), exit=False)
     try:
@@ -32,7 +32,9 @@ def _child(fn, rank, world, init_file, q, args, timeout):
                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           OMP_NUM_THREADS="1")
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=60))
         result = fn(rank, world, *args)
         if dist.is_initialized():
@@ -52,13 +54,13 @@ def _child(fn, rank, world, init_file, q, args, timeout):
         os._exit(1)
 
 
-def run_ranks(fn, *args, world: int = 2, timeout: float = 300.0) -> list:
+def run_ranks(fn, *args, world: int = 2, timeout: float = 300.0, backend: str = "gloo") -> list:
     """``fn(rank, world, *args)`` on ``world`` processes; returns the results by rank."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "rendezvous")
-        procs = [ctx.Process(target=_child, args=(fn, r, world, init_file, q, args, timeout))
+        procs = [ctx.Process(target=_child, args=(fn, r, world, init_file, q, args, timeout, backend))
                  for r in range(world)]
         for p in procs:
             p.start()

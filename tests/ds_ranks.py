@@ -98,7 +98,7 @@ def train(cfg, model, data, optimizer=None, ckpt=None, stage=0):
         start = ckpt[2]
     losses = []
     for i, (x, y) in enumerate(data[start:], start=start):
-        loss = engine(x, y)
+        loss = engine(x.to(engine.device), y.to(engine.device))
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))

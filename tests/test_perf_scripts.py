@@ -45,3 +45,14 @@ def test_bench_step_smallest(tmp_path):
         assert r["syncs"] is None  # CPU: no device to sync with
     assert rows[("flat", "torch-fused")]["speedup_vs_torch_fused"] == 1.0
     assert (tmp_path / "bench_step.png").stat().st_size > 1000
+
+
+def test_bench_offload_smallest(tmp_path):
+    run_script("bench_offload.py", "--numel", "100000", "--iters", "3", "--warmup", "1",
+               "--providers", "tiedadam,torch-fused", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "bench_offload.json"))
+    assert [r["provider"] for r in data["results"]] == ["tiedadam", "torch-fused"]
+    for r in data["results"]:
+        assert r["numel"] == 100000 and r["iters"] == 3
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert abs(r["bandwidth_Bps"] * r["median_s"] - 28 * 100000) < 1

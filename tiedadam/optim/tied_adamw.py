@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from ..kernels.multi_tensor import TableCache
 from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
 from . import hyperparams as H
+from .shards import local_tensor
 from .torch_backend import torch_tied_adamw
 
 # State keys this optimizer owns; named as torch.optim.AdamW names them so checkpoints move
@@ -19,11 +20,6 @@ from .torch_backend import torch_tied_adamw
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 MASTER_KEY = "master_param"
 _UNSET = object()
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class TiedAdamW(Optimizer):
@@ -139,7 +135,7 @@ class TiedAdamW(Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"{where}params[{i}] has dtype {p.dtype}: only floating-"
                                      f"point params can be optimized")
-                if not _local(p).is_contiguous():
+                if not local_tensor(p).is_contiguous():
                     raise ValueError(f"{where}params[{i}] is not contiguous (strides "
                                      f"{p.stride()}): TiedAdamW updates params as flat memory; "
                                      f"make the parameter contiguous")
@@ -198,7 +194,7 @@ class TiedAdamW(Optimizer):
     # ------------------------------------------------------------------ state
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]
-        local = _local(p)
+        local = local_tensor(p)
         state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype,
                                             memory_format=torch.preserve_format)
@@ -217,7 +213,7 @@ class TiedAdamW(Optimizer):
         for st in self.state.values():
             for v in st.values():
                 if isinstance(v, Tensor):
-                    t = _local(v)
+                    t = local_tensor(v)
                     out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
         return out
 
@@ -227,7 +223,15 @@ class TiedAdamW(Optimizer):
         Unlike torch's loader, which casts every float state to the param dtype, exp_avg and
         exp_avg_sq keep this optimizer's state dtype (fp32 by default, also for bf16 params).
         """
-        for i, g in enumerate(state_dict["param_groups"]):  # refuse before anything changes
+        # A saved group may lack hyperparameters: torch's FSDP1 optimizer-state conversion drops
+        # all keys of a group that is empty on this rank. Keep the current group's values then
+        # (torch's own AdamW fails with KeyError: 'lr' at its next step).
+        saved_groups = []
+        for i, g in enumerate(state_dict["param_groups"]):
+            current = self.param_groups[i] if i < len(self.param_groups) else {}
+            saved_groups.append({**{k: v for k, v in current.items() if k != "params"}, **g})
+        state_dict = {**state_dict, "param_groups": saved_groups}
+        for i, g in enumerate(saved_groups):  # refuse before anything changes
             b = self._resolve_beta(g.get("beta", _UNSET), g.get("betas"), f"param_groups[{i}]: ")
             H.check_beta_for_state(b, self.state_dtype, f"param_groups[{i}]: ")
         own = {}
@@ -251,7 +255,7 @@ class TiedAdamW(Optimizer):
         self._invalidate()
 
     def _cast_loaded(self, p: Tensor, name: str, v: Any) -> Tensor:
-        local = _local(p)
+        local = local_tensor(p)
         if name == "step":
             v = v if isinstance(v, Tensor) else torch.tensor(float(v))
             return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
@@ -294,20 +298,21 @@ class TiedAdamW(Optimizer):
                 self._init_state(p)
         buckets: dict[tuple, Any] = {}
         for gi, p in with_grad:
-            local = _local(p)
+            local = local_tensor(p)
             st = self.state[p]
-            m = _local(st["exp_avg"])
+            m = local_tensor(st["exp_avg"])
             master = st.get(MASTER_KEY)
             key = (local.device, local.dtype, m.dtype, master is not None,
                    self._backend_for(local.device))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(local.device, local.dtype, m.dtype, master is not None)
+            b.dtensor = b.dtensor or local is not p
             b.params.append(local)
-            b.masters.append(_local(master) if master is not None else None)
+            b.masters.append(local_tensor(master) if master is not None else None)
             b.sources.append(p)
             b.exp_avgs.append(m)
-            b.exp_avg_sqs.append(_local(st["exp_avg_sq"]))
+            b.exp_avg_sqs.append(local_tensor(st["exp_avg_sq"]))
             b.steps.append(st["step"])
             b.groups.append(gi)
         return [(k[4], b) for k, b in buckets.items()]
@@ -346,6 +351,7 @@ class TiedAdamW(Optimizer):
         for i, (backend, b) in enumerate(plan):
             if backend == "triton":
                 from .triton_backend import triton_step
+                b.refresh_locals(local_tensor)
                 triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
                             seed=self.seed, state_sr=self.stochastic_rounding,
                             param_sr=self.param_stochastic_rounding,
@@ -365,7 +371,8 @@ class TiedAdamW(Optimizer):
         return gen
 
     def _torch_step(self, b, groups, grad_scale, found_inf) -> None:
-        grads = [_local(s.grad) for s in b.sources]
+        b.refresh_locals(local_tensor)
+        grads = [local_tensor(s.grad) for s in b.sources]
         torch._foreach_add_(b.steps, 1.0)
         sr = ((self.stochastic_rounding and b.state_dtype == torch.bfloat16)
               or (self.param_stochastic_rounding and b.param_dtype == torch.bfloat16

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..kernels import tied_adamw as K
 from ..kernels.multi_tensor import TableCache, upload
+from .shards import local_tensor
 
 
 @dataclass
@@ -32,6 +33,13 @@ class Bucket:
     masters: list[Tensor | None] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
+    dtensor: bool = False  # some params are DTensors: their local shards are re-read each step
+
+    def refresh_locals(self, local) -> None:
+        """FSDP2 may re-point a DTensor's local shard (reset_sharded_param): read it afresh so
+        the table cache's address check sees the memory that will actually be updated."""
+        if self.dtensor:
+            self.params = [local(s) for s in self.sources]
 
 
 _HYPER_KEYS = ("lr", "beta", "eps", "weight_decay")
@@ -74,7 +82,8 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
                 persistent_hyper: dict, *, seed: int, state_sr: bool, param_sr: bool,
                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     grads = [s.grad for s in b.sources]
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    if b.dtensor:
+        grads = [local_tensor(g) for g in grads]
     torch._foreach_add_(b.steps, 1.0)
     hyper = hyper_table(groups, b.device, persistent_hyper)
     masters = b.masters if b.has_master else b.params

@@ -68,3 +68,24 @@ def test_full_state_dict_roundtrip():
     for whole, resumed in run_ranks(fsdp_ranks.full_roundtrip, "fsdp2", STEPS, AT):
         for a, b in zip(resumed, whole):
             assert torch.equal(a, b)
+
+
+def test_readme_example_runs_under_torchrun(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    env["OMP_NUM_THREADS"] = "1"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(port),
+                           os.path.join(root, "examples", "fsdp2_train.py"), "--steps", "4",
+                           "--ckpt", str(tmp_path / "ck")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "done: loss" in proc.stdout

@@ -55,7 +55,7 @@ def train(mode: str, seed: int, data: Data, cfg: LMConfig, args, device: str) ->
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     val = evaluate(model, data, args.eval_batches, args.batch, cfg.seq, seed=10_000 + seed)
     return dict(mode=mode, seed=seed, train_loss=losses, val_loss=val,
                 seconds=time.time() - t0, state_bytes=opt.state_bytes())

@@ -106,8 +106,14 @@ def _torchao(params, lr, beta, device):
     return AdamW8bit(params, lr=lr, betas=(beta, beta), weight_decay=0.01)
 
 
+BF16 = torch.bfloat16
 PROVIDERS: dict[str, Provider] = {
+    # TiedAdamW's modes; bytes per param: README "Mixed precision and memory" table
     "tiedadam": Provider(_tied(), torch.float32, 28),
+    "tiedadam-master-bf16": Provider(_tied(master_weights=True), BF16, 28),
+    "tiedadam-bf16-state": Provider(_tied(state_dtype=BF16), torch.float32, 20),
+    "tiedadam-pure-bf16": Provider(_tied(state_dtype=BF16, param_stochastic_rounding=True),
+                                   BF16, 14),
     "torch-foreach": Provider(_torch(foreach=True), torch.float32, 28),
     "torch-fused": Provider(_torch(fused=True), torch.float32, 28),
     "torch-compiled": Provider(_torch_compiled, torch.float32, 28),
@@ -123,3 +129,16 @@ PROVIDERS: dict[str, Provider] = {
 
 def make_optimizer(name, params, lr, beta, device):
     return PROVIDERS[name].make(params, lr, beta, device)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of optimizer state: TiedAdamW reports its own; others are summed from .state
+    (plus the fp32 master copies of the fused+copy recipe)."""
+    if hasattr(opt, "state_bytes"):
+        return sum(opt.state_bytes().values())
+    inner = getattr(opt, "opt", opt)
+    total = sum(v.numel() * v.element_size() for st in inner.state.values()
+                for v in st.values() if torch.is_tensor(v))
+    if isinstance(opt, _FusedPlusCopy):
+        total += sum(m.numel() * 4 for m in opt.masters)
+    return total

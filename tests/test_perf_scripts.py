@@ -56,3 +56,46 @@ def test_bench_offload_smallest(tmp_path):
         assert r["numel"] == 100000 and r["iters"] == 3
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert abs(r["bandwidth_Bps"] * r["median_s"] - 28 * 100000) < 1
+
+
+def test_bench_memory_smallest(tmp_path):
+    run_script("bench_memory.py", "--scale", "0.0005", "--providers",
+               "tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,torch-fused,bnb-adamw8bit",
+               tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "bench_memory.json"))
+    rows = {r["provider"]: r for r in data["results"]}
+    n = rows["tiedadam"]["numel"]
+    steps = 201 * 4  # one fp32 step counter per tensor
+    assert rows["tiedadam"]["state_bytes"] == 8 * n + steps
+    assert rows["tiedadam-master-bf16"]["state_bytes"] == 12 * n + steps
+    assert rows["tiedadam-bf16-state"]["state_bytes"] == 4 * n + steps
+    assert rows["torch-fused"]["state_bytes"] == 8 * n + steps
+    assert "bnb-adamw8bit" in data["skipped"] or "bnb-adamw8bit" in rows
+    assert (tmp_path / "bench_memory.png").exists()
+
+
+def test_bench_train_smallest(tmp_path):
+    run_script("bench_train.py", "--d-model", "32", "--layers", "1", "--seq", "16", "--batch",
+               "2", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "bench_train.json"))
+    got = {(r["framework"], r["provider"]) for r in data["results"]}
+    assert got == {("plain", "tiedadam"), ("plain", "torch-fused"), ("fsdp2", "tiedadam"),
+                   ("fsdp2", "torch-fused"), ("ds-zero2", "tiedadam"),
+                   ("ds-zero2", "deepspeed-fused")}, data["skipped"]
+    for r in data["results"]:
+        assert r["step_s"] > 0 and 0 < r["optimizer_share"] < 1 and r["tokens_per_s"] > 0
+        assert len(r["losses"]) == 2 and all(x == x for x in r["losses"])
+
+
+def test_precision_study_smoke(tmp_path):
+    run_script("precision_study.py", "--steps", "3", "--warmup", "1", "--d-model", "32",
+               "--layers", "1", "--seq", "16", "--batch", "2", "--data-bytes", "20000",
+               "--eval-batches", "1", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "precision_study.json"))
+    modes = [s["mode"] for s in data["summary"]]
+    assert modes[0] == "fp32" and len(modes) == 6
+    fp32 = data["summary"][0]
+    assert fp32["val_gap_vs_fp32"] == 0.0 and fp32["mean_abs_curve_gap"] == 0.0
+    bf16 = next(s for s in data["summary"] if s["mode"] == "bf16-state-sr")
+    assert sum(bf16["state_bytes"].values()) < sum(fp32["state_bytes"].values())
+    assert (tmp_path / "precision_study.png").exists()

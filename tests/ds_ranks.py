@@ -171,3 +171,26 @@ def untied(rank, world):
         return str(e)
     return None
 
+
+
+def telemetry(rank, world, steps):
+    """ZeRO-2 flat partitions: telemetry(reduce=True) totals over ranks equal those of a
+    stage-0 run (whole grads on every rank, no reduction)."""
+    from tiedadam.optim.telemetry import to_floats
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    out = {}
+    for stage in (0, 2):
+        cfg = ds_config(stage, "fp32", opt_params={"telemetry": True})
+        import deepspeed
+        model = copy.deepcopy(base)
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups(model),
+                                                 config=cfg)
+        for x, y in data:
+            engine.backward(engine(x, y))
+            engine.step()
+        tied = engine.optimizer if stage == 0 else engine.optimizer.optimizer
+        out[stage] = to_floats(tied.telemetry(reduce=stage != 0))
+        engine.destroy()
+    return out

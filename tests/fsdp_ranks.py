@@ -242,3 +242,31 @@ def full_roundtrip(rank, world, how, steps, at):
                    options=StateDictOptions(full_state_dict=True))
     train(model, opt, data[at:])
     return whole, full_params(model)
+
+
+def telemetry_sharded(rank, world, steps):
+    """Telemetry of DTensor shards, combined with reduce=True, vs the same optimizer on the full
+    tensors in this process. Shapes are uneven; the 1-row weight leaves rank 1 an empty shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    full = [torch.randn(7, 4), torch.randn(5), torch.randn(1, 3), torch.randn(3, 6)]
+    placements = [(mesh, [Shard(0)])] * 3 + [(mesh2, [Replicate(), Shard(1)])]
+    sharded = [nn.Parameter(distribute_tensor(t.clone(), m, pl))
+               for t, (m, pl) in zip(full, placements)]
+    local = [nn.Parameter(t.clone()) for t in full]
+    names = ["a", "b", "c", "d"]
+    o1 = TiedAdamW(sharded, lr=1e-2, beta=BETA, telemetry=True, names=names, backend="triton")
+    o2 = TiedAdamW(local, lr=1e-2, beta=BETA, telemetry=True, names=names, backend="triton")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        grads = [torch.randn(t.shape, generator=g) for t in full]
+        for p, q, gr, (m, pl) in zip(sharded, local, grads, placements):
+            p.grad = distribute_tensor(gr, m, pl)
+            q.grad = gr.clone()
+        o1.step()
+        o2.step()
+    t1, t2 = o1.telemetry(reduce=True), o2.telemetry()
+    return {n: {k: (float(t1[n][k]), float(t2[n][k])) for k in t2[n]} for n in names}

@@ -78,6 +78,8 @@ def variants():
                        state_sr=ssr, param_sr=psr)
     yield dict(param=fp16, state=fp32, master=False, scale=True, flat=False,
                state_sr=False, param_sr=False)
+    yield dict(param=fp32, state=fp32, master=False, scale=False, flat=False,
+               state_sr=False, param_sr=False, telemetry=True)
 
 
 def _tool(name: str) -> str:
@@ -85,7 +87,7 @@ def _tool(name: str) -> str:
 
 
 def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=False,
-                    arch: int = 90) -> VariantReport:
+                    telemetry=False, arch: int = 90) -> VariantReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -94,9 +96,10 @@ def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
            "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
            "flat_numel": "i64", "flat_aligned": "i32", "flat_group": "i32",
-           "seed": "i64"}
+           "seed": "i64", "tele_ptr": "*fp32", "snr_threshold": "fp32"}
     consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
-                  HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, FLAT=flat,
+                  HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, TELEMETRY=telemetry,
+                  FLAT=flat,
                   CHUNK=K.CHUNK, BLOCK=K.block_for(param, state))
     sig.update({k: "constexpr" for k in consts})
     # Direct tensor arguments are specialised as 16-byte aligned, as Triton does at launch.
@@ -118,7 +121,8 @@ def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     name = "-".join([f"p{short[param]}", f"s{short[state]}"] + (["master"] if master else [])
                     + (["sr"] if state_sr else []) + (["psr"] if param_sr else [])
-                    + (["scale"] if scale else []) + (["flat"] if flat else ["table"]))
+                    + (["scale"] if scale else []) + (["telemetry"] if telemetry else [])
+                    + (["flat"] if flat else ["table"]))
     return VariantReport(
         name=name, param=short[param], state=short[state], master=master, scale=scale,
         flat=flat, state_sr=state_sr, param_sr=param_sr, registers=int(re.search(r"REG:(\d+)", usage).group(1)),

@@ -14,6 +14,15 @@ torch computes them in Python floats.
 
 The launcher (``launch_tied_adamw``) lives below the kernel; the tables it passes are built
 by the generic engine in ``multi_tensor.py``.
+
+Note [telemetry]
+----------------
+With TELEMETRY (a constexpr: compiled out when off) each program also reduces, over its chunk
+and from values already in registers (no extra memory reads), five per-tensor quantities:
+sum g^2, sum u^2 and max |u| for u = m_hat / (sqrt(v_hat) + eps) (the update before lr),
+the count of non-finite grads, and the count of elements with |m_hat| / sqrt(v_hat) above a
+threshold (high signal-to-noise). Each goes to the tensor's row of an fp32 [T, 5] buffer with
+one atomic per program. Tied betas bound |u| <= |m_hat| / sqrt(v_hat) <= 1.
 """
 
 from __future__ import annotations
@@ -73,10 +82,14 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
 @triton.jit
 def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
                       decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
-                      seed, t_u32, tid_u32,
+                      seed, t_u32, tid_u32, inv_c, snr_threshold,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr):
-    """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access)."""
+                      HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
+                      TELEMETRY: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access).
+
+    Returns this block's telemetry partials (Note [telemetry]); zeros when TELEMETRY is off,
+    which the compiler removes."""
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     if HAS_SCALE:
         g = g * inv_scale
@@ -90,8 +103,35 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
     p = p * decay
     m = m + one_minus_beta * (g - m)
     v = v * beta + one_minus_beta * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc_sqrt) + eps
-    p = p - step_size * tl.div_rn(m, denom)
+    sqrt_v = tl.sqrt_rn(v)
+    denom = tl.div_rn(sqrt_v, bc_sqrt) + eps
+    q = tl.div_rn(m, denom)
+    p = p - step_size * q
+
+    gsq = 0.0
+    usq = 0.0
+    umax = 0.0
+    nonfinite = 0.0
+    high = 0.0
+    if TELEMETRY:
+        u = q * inv_c  # m_hat / (sqrt(v_hat) + eps): the update before lr
+        ratio = tl.abs(m) / tl.where(sqrt_v > 0, sqrt_v * bc_sqrt, 1.0)  # |m_hat| / sqrt(v_hat)
+        bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32)
+        hi = (ratio > snr_threshold).to(tl.float32)
+        g2 = g * g
+        u2 = u * u
+        ua = tl.abs(u)
+        if MASKED:
+            g2 = tl.where(mask, g2, 0.0)
+            u2 = tl.where(mask, u2, 0.0)
+            ua = tl.where(mask, ua, 0.0)
+            bad = tl.where(mask, bad, 0.0)
+            hi = tl.where(mask, hi, 0.0)
+        gsq = tl.sum(g2, axis=0)
+        usq = tl.sum(u2, axis=0)
+        umax = tl.max(ua, axis=0)
+        nonfinite = tl.sum(bad, axis=0)
+        high = tl.sum(hi, axis=0)
 
     if STATE_SR or PARAM_SR:
         # Note [rng]: counter-based (Philox): counter = (element offset lo/hi, step, tensor),
@@ -117,6 +157,7 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         tl.store(p_ptrs, _round_to_bf16(p, r1 & 0xFFFF, True), mask=mask)
     else:
         tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
+    return gsq, usq, umax, nonfinite, high
 
 
 @triton.jit
@@ -127,9 +168,10 @@ def _tied_adamw_kernel(
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
     flat_group,  # FLAT only: the tensor's row in the hyperparameter table
     seed,  # int64 key of the rounding RNG (used when STATE_SR or PARAM_SR)
+    tele_ptr, snr_threshold,  # fp32 [T, 5] per-tensor telemetry sums (used when TELEMETRY)
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
-    FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    TELEMETRY: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Tied-beta AdamW over one chunk of one tensor (formula in the module docstring)."""
     pid = tl.program_id(0)
@@ -184,26 +226,51 @@ def _tied_adamw_kernel(
     beta32 = beta.to(tl.float32)
     eps32 = eps.to(tl.float32)
 
+    inv_c = (1.0 / c).to(tl.float32)
+    gsq = 0.0
+    usq = 0.0
+    umax = 0.0
+    nonfinite = 0.0
+    high = 0.0
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     if (aligned != 0) & (start + CHUNK <= numel):
         # Full chunk of an aligned tensor: unmasked, hinted 16-byte vector access.
         for i in range(0, CHUNK, BLOCK):
             o = offs + i
-            _tied_adamw_block(
+            a, b, mx, nf, hi = _tied_adamw_block(
                 tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
                 tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
                 tl.multiple_of(w_base + o, _ALIGN), None, o,
                 decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
-                seed, t_u32, tid_u32, PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR)
+                seed, t_u32, tid_u32, inv_c, snr_threshold,
+                PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False)
+            gsq += a
+            usq += b
+            umax = tl.maximum(umax, mx)
+            nonfinite += nf
+            high += hi
     else:
         # Tail chunk, or a misaligned view: masked, no alignment promise.
         for i in range(0, CHUNK, BLOCK):
             o = offs + i
-            _tied_adamw_block(p_base + o, g_base + o, m_base + o, v_base + o, w_base + o,
-                              o < numel, o,
-                              decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
-                              seed, t_u32, tid_u32,
-                              PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR)
+            a, b, mx, nf, hi = _tied_adamw_block(
+                p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
+                decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
+                seed, t_u32, tid_u32, inv_c, snr_threshold,
+                PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
+            gsq += a
+            usq += b
+            umax = tl.maximum(umax, mx)
+            nonfinite += nf
+            high += hi
+    if TELEMETRY:
+        # Note [telemetry]: one atomic per metric per program into the tensor's row.
+        row = tele_ptr + 5 * tid
+        tl.atomic_add(row + 0, gsq)
+        tl.atomic_add(row + 1, usq)
+        tl.atomic_max(row + 2, umax)
+        tl.atomic_add(row + 3, nonfinite)
+        tl.atomic_add(row + 4, high)
 
 
 def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
@@ -211,7 +278,8 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       grad_scale: torch.Tensor | None = None,
                       found_inf: torch.Tensor | None = None,
                       flat: tuple | None = None, flat_group: int = 0, seed: int = 0,
-                      state_sr: bool = False, param_sr: bool = False) -> None:
+                      state_sr: bool = False, param_sr: bool = False,
+                      telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5) -> None:
     """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)
     of param group ``flat_group``).
 
@@ -221,12 +289,13 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     has_scale = grad_scale is not None
     dummy = hyper  # any tensor: unused pointer arguments still need a value
     scale = grad_scale if has_scale else dummy
+    tele = telemetry if telemetry is not None else dummy
     inf = found_inf if has_scale else dummy
     state_sr = state_sr and state_dtype == torch.bfloat16
     param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
     consts = dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
                   HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
-                  PARAM_SR=param_sr, CHUNK=CHUNK,
+                  PARAM_SR=param_sr, TELEMETRY=telemetry is not None, CHUNK=CHUNK,
                   BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
                   enable_fp_fusion=ENABLE_FP_FUSION)
     if flat is not None:
@@ -237,13 +306,13 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
         grid = (triton.cdiv(n, CHUNK),)
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
-                                 p, g, m, v, w, step, n, aligned, flat_group, seed, FLAT=True,
-                                 **consts)
+                                 p, g, m, v, w, step, n, aligned, flat_group, seed,
+                                 tele, snr_threshold, FLAT=True, **consts)
     else:
         if table.n_chunks == 0:
             return
         grid = (table.n_chunks,)
         _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
                                  scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
-                                 seed, FLAT=False, **consts)
+                                 seed, tele, snr_threshold, FLAT=False, **consts)
     launches += 1

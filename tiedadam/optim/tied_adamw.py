@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..kernels.multi_tensor import TableCache
+from ..kernels.multi_tensor import TableCache, upload
 from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
 from . import hyperparams as H
 from .shards import local_tensor
@@ -58,6 +58,12 @@ class TiedAdamW(Optimizer):
             ``torch.manual_seed`` makes runs reproducible (no global RNG state is consumed).
         capturable: keep everything the step reads on the device (lr as a device tensor may
             change between CUDA-graph replays). Group key, as in torch.
+        telemetry: compute per-parameter update statistics in the same kernel pass, read with
+            ``telemetry()`` (no host sync until asked). Off by default (compiled out).
+        snr_threshold: |m_hat|/sqrt(v_hat) above which an element counts as high
+            signal-to-noise in the telemetry, in [0, 1). Default 0.5.
+        names: parameter names for the telemetry, in parameter order (or pass
+            ``model.named_parameters()`` as params, or use ``from_named_parameters``).
 
     State per parameter (torch's names): ``step`` (fp32 scalar on the parameter's device),
     ``exp_avg``, ``exp_avg_sq`` (fp32 by default, also for bf16/fp16 parameters; math is always
@@ -69,7 +75,8 @@ class TiedAdamW(Optimizer):
                  backend: str = "auto", master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = True,
                  param_stochastic_rounding: bool = False, seed: int | None = None,
-                 capturable: bool = False):
+                 capturable: bool = False, telemetry: bool = False, snr_threshold: float = 0.5,
+                 names: list[str] | None = None):
         self.backend = H.check_backend(backend)
         if backend == "triton":
             reason = triton_unavailable_reason()
@@ -89,6 +96,12 @@ class TiedAdamW(Optimizer):
         self.seed = int(torch.initial_seed() if seed is None else seed) % (2 ** 63)
         self._generators: dict = {}
         self._hyper_dev: dict = {}
+        self.telemetry_enabled = bool(telemetry)
+        if not 0.0 <= float(snr_threshold) < 1.0:
+            raise ValueError(f"Invalid snr_threshold={snr_threshold}: |m_hat|/sqrt(v_hat) lies in "
+                             f"[0, 1] with tied betas, so the threshold must be in [0, 1)")
+        self.snr_threshold = float(snr_threshold)
+        self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
         defaults = dict(lr=lr, beta=beta, betas=(beta, beta), eps=eps,
                         weight_decay=weight_decay, capturable=bool(capturable))
         self._state_version = 0
@@ -96,6 +109,11 @@ class TiedAdamW(Optimizer):
         self._tables = TableCache()
         self._beta_seen: dict[int, float] = {}
         super().__init__(params, defaults)
+        if names is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            if len(names) != len(flat):
+                raise ValueError(f"names has {len(names)} entries for {len(flat)} parameters")
+            self._names = {id(p): n for p, n in zip(flat, names)}
         # torch.amp.GradScaler then hands us grad_scale/found_inf instead of unscaling the
         # grads in a separate pass; the kernel unscales and skips non-finite steps itself.
         self._step_supports_amp_scaling = True
@@ -110,6 +128,21 @@ class TiedAdamW(Optimizer):
             raise ValueError(f"{where}beta={beta} and betas={tuple(betas)} disagree: "
                              f"pass only one of them")
         return tied
+
+    @classmethod
+    def from_named_parameters(cls, named_parameters, **kwargs) -> "TiedAdamW":
+        """``TiedAdamW(model.named_parameters(), ...)``: telemetry is keyed by these names."""
+        return cls(list(named_parameters), **kwargs)
+
+    def _param_name(self, gi: int, p: Tensor) -> str:
+        named = getattr(self, "_names", {}).get(id(p))
+        if named is not None:
+            return named
+        group = self.param_groups[gi]
+        idx = next(i for i, q in enumerate(group["params"]) if q is p)
+        if "param_names" in group:
+            return group["param_names"][idx]
+        return f"{gi}.{idx}"
 
     def add_param_group(self, param_group: dict) -> None:
         n = len(getattr(self, "param_groups", []))
@@ -127,6 +160,7 @@ class TiedAdamW(Optimizer):
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p  # (name, param) from named_parameters()
             if isinstance(p, Tensor):
                 if p.is_complex():
                     raise ValueError(f"{where}params[{i}] is complex ({p.dtype}): TiedAdamW "
@@ -155,6 +189,8 @@ class TiedAdamW(Optimizer):
         self.__dict__.setdefault("_tables", TableCache())
         self.__dict__.setdefault("_beta_seen", {})
         self.__dict__.setdefault("_generators", {})
+        self.__dict__.setdefault("_tele_plans", OrderedDict())
+        self.__dict__.setdefault("telemetry_enabled", False)
         self.__dict__.setdefault("_hyper_dev", {})
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("state_dtype", torch.float32)
@@ -315,6 +351,10 @@ class TiedAdamW(Optimizer):
             b.exp_avg_sqs.append(local_tensor(st["exp_avg_sq"]))
             b.steps.append(st["step"])
             b.groups.append(gi)
+            b.names.append(self._param_name(gi, p))
+        if self.telemetry_enabled:
+            for b in buckets.values():
+                b.telemetry = torch.zeros(len(b.params), 5, device=b.device)
         return [(k[4], b) for k, b in buckets.items()]
 
     @torch.no_grad()
@@ -355,11 +395,56 @@ class TiedAdamW(Optimizer):
                 triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
                             seed=self.seed, state_sr=self.stochastic_rounding,
                             param_sr=self.param_stochastic_rounding,
-                            grad_scale=grad_scale, found_inf=found_inf)
+                            grad_scale=grad_scale, found_inf=found_inf,
+                            snr_threshold=self.snr_threshold)
             else:
                 self._torch_step(b, groups, grad_scale, found_inf)
         self._beta_seen = {id(g): g["beta"] for g in groups}
+        if self.telemetry_enabled:
+            # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan
+            # so telemetry() reports each parameter's latest step, not only the last call's.
+            self._tele_plans[key] = plan
+            self._tele_plans.move_to_end(key)
+            if len(self._tele_plans) > 64:
+                self._tele_plans.popitem(last=False)
         return loss
+
+    def telemetry(self, reduce: bool = False) -> dict[str, dict[str, Tensor]]:
+        """Per-parameter statistics of each parameter's latest step, as device tensors (no host
+        sync):
+        ``{name: {grad_sq_sum, update_sq_sum, update_abs_max, nonfinite_grads, high_snr_count,
+        numel, grad_norm, update_rms, high_snr_fraction}}`` where the update is
+        u = m_hat / (sqrt(v_hat) + eps) before lr (|u| <= 1 with tied betas).
+
+        ``reduce=True`` combines the per-rank values of sharded params (FSDP, ZeRO) over the
+        default process group with one all-gather (a collective: call it on every rank).
+        ``tiedadam.optim.telemetry.to_floats`` flattens the result for loggers."""
+        if not self.telemetry_enabled:
+            raise RuntimeError("telemetry is off: construct TiedAdamW(..., telemetry=True)")
+        from .telemetry import readout, replication
+        latest = {}  # id(param) -> (name, row tensor, numel, replication); newest plan wins
+        for plan in self._tele_plans.values():
+            for _, b in plan:
+                for i, src in enumerate(b.sources):
+                    latest[id(src)] = (b.names[i], b.telemetry[i], b.params[i].numel(),
+                                       replication(src))
+        if not latest:
+            return {}
+        order = [id(p) for g in self.param_groups for p in g["params"] if id(p) in latest]
+        order += [k for k in latest if k not in set(order)]  # swapped-out (DeepSpeed) groups
+        names, seen = [], {}
+        for k in order:  # DeepSpeed swaps one-group lists in: fallback names can repeat
+            n = latest[k][0]
+            seen[n] = seen.get(n, 0) + 1
+            names.append(n if seen[n] == 1 else f"{n}#{seen[n] - 1}")
+        numels = [latest[k][2] for k in order]
+        reps = [latest[k][3] for k in order]
+        rows = [latest[k][1] for k in order]
+        device = rows[0].device
+        return readout(names, torch.stack([r.to(device) for r in rows]),
+                       upload(torch.tensor(numels, dtype=torch.float32), device),
+                       reduce=reduce, replicas=upload(torch.tensor(reps, dtype=torch.float32),
+                                                      device))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The torch backend's rounding RNG: sequential, seeded once from ``seed`` per device
@@ -389,6 +474,14 @@ class TiedAdamW(Optimizer):
                              found_inf=found_inf, generator=gen,
                              state_sr=self.stochastic_rounding,
                              param_sr=self.param_stochastic_rounding)
+            if b.telemetry is not None:
+                from .telemetry import torch_rows
+                rows = torch.zeros(len(idx), 5, device=b.device)
+                torch_rows(rows, [grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
+                           [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
+                           beta=group["beta"], eps=group["eps"],
+                           snr_threshold=self.snr_threshold, grad_scale=grad_scale)
+                b.telemetry[idx] = rows
         if found_inf is not None:  # a skipped step does not count
             inf = found_inf.to(b.device, torch.float32)
             torch._foreach_sub_(b.steps, [inf] * len(b.steps))

@@ -34,6 +34,8 @@ class Bucket:
     steps: list[Tensor] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
     dtensor: bool = False  # some params are DTensors: their local shards are re-read each step
+    names: list[str] = field(default_factory=list)  # for telemetry
+    telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
 
     def refresh_locals(self, local) -> None:
         """FSDP2 may re-point a DTensor's local shard (reset_sharded_param): read it afresh so
@@ -80,7 +82,8 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
 
 def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCache,
                 persistent_hyper: dict, *, seed: int, state_sr: bool, param_sr: bool,
-                grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                snr_threshold: float = 0.5) -> None:
     grads = [s.grad for s in b.sources]
     if b.dtensor:
         grads = [local_tensor(g) for g in grads]
@@ -88,8 +91,11 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
     hyper = hyper_table(groups, b.device, persistent_hyper)
     masters = b.masters if b.has_master else b.params
     scale, inf = _per_device(grad_scale, found_inf, b.device)
+    if b.telemetry is not None:
+        b.telemetry.zero_()
     kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, has_master=b.has_master,
-              grad_scale=scale, found_inf=inf, seed=seed, state_sr=state_sr, param_sr=param_sr)
+              grad_scale=scale, found_inf=inf, seed=seed, state_sr=state_sr, param_sr=param_sr,
+              telemetry=b.telemetry, snr_threshold=snr_threshold)
     if len(b.params) == 1:
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
         # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.

@@ -37,7 +37,7 @@ cat "$OUT/machine.txt"
 run gpu_tests     150 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_deepspeed.py
 run kernel_report  40 $PY perf/kernel_report.py --out "$OUT"
 run bench_step    110 $PY perf/bench_step.py --out "$OUT" --iters 20 \
-    --providers tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,torch-foreach,torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
+    --providers tiedadam,tiedadam-telemetry,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,torch-foreach,torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
 run bench_compiled 50 $PY perf/bench_step.py --out "$OUT" --tag compiled --workloads llama --providers torch-compiled,torch-fused
 run bench_memory   40 $PY perf/bench_memory.py --out "$OUT"
 run bench_train    80 $PY perf/bench_train.py --out "$OUT"

@@ -114,6 +114,7 @@ PROVIDERS: dict[str, Provider] = {
     "tiedadam-bf16-state": Provider(_tied(state_dtype=BF16), torch.float32, 20),
     "tiedadam-pure-bf16": Provider(_tied(state_dtype=BF16, param_stochastic_rounding=True),
                                    BF16, 14),
+    "tiedadam-telemetry": Provider(_tied(telemetry=True), torch.float32, 28),
     "torch-foreach": Provider(_torch(foreach=True), torch.float32, 28),
     "torch-fused": Provider(_torch(fused=True), torch.float32, 28),
     "torch-compiled": Provider(_torch_compiled, torch.float32, 28),

@@ -93,7 +93,25 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
     return "\n".join(lines) + f"\n\n*{d['config']['numel']:,}-element partition; " + machine_line(d)[1:]
 
 
+def beta_table(rel="perf/results/cpu/beta_study.json") -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| setting | best lr | val loss (seed mean) | seed min … max | val loss at each lr | update RMS | high-SNR fraction |",
+             "|---|---:|---:|---|---|---:|---:|"]
+    for s in d["summary"]:
+        by_lr = ", ".join(f"{float(k):g}: {v:.4f}" for k, v in s["val_loss_by_lr"].items())
+        lines.append(f"| {s['setting']} | {s['best_lr']:g} | {s['val_loss_mean']:.4f} | "
+                     f"{s['val_loss_min']:.4f} … {s['val_loss_max']:.4f} | {by_lr} | "
+                     f"{s['final_update_rms']:.3f} | {s['final_high_snr_fraction']:.3f} |")
+    m, c = d["model"], d["config"]
+    return ("\n".join(lines) + f"\n\n*{m['params']:,}-parameter LM ({m['n_layers']} layers, "
+            f"d={m['d_model']}), {c['steps']} steps of {c['batch']}×{c['seq']} tokens, "
+            f"{c['seeds']} seeds; " + machine_line({"machine_before": d["machine"], **d})[1:])
+
+
 BLOCKS = {
+    "beta_study": beta_table,
     "precision_study": precision_table,
     "cpu_offload": offload_table,
     "kernel_report": kernel_table,

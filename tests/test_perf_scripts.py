@@ -99,3 +99,21 @@ def test_precision_study_smoke(tmp_path):
     bf16 = next(s for s in data["summary"] if s["mode"] == "bf16-state-sr")
     assert sum(bf16["state_bytes"].values()) < sum(fp32["state_bytes"].values())
     assert (tmp_path / "precision_study.png").exists()
+
+
+def test_beta_study_smoke(tmp_path):
+    run_script("beta_study.py", "--steps", "4", "--warmup", "1", "--lrs", "1e-3", "--seeds", "2",
+               "--d-model", "32", "--layers", "1", "--seq", "16", "--batch", "2",
+               "--data-bytes", "20000", "--eval-batches", "1", "--log-every", "2",
+               "--u-sample", "100", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "beta_study.json"))
+    assert [s["setting"] for s in data["summary"]] == [
+        "tied 0.9", "tied 0.95", "tied 0.975", "untied 0.9/0.95", "untied 0.9/0.999"]
+    assert len(data["runs"]) == 10
+    for r in data["runs"]:
+        assert len(r["train_loss"]) == 4 and [s["step"] for s in r["stats"]] == [2, 4]
+        assert len(r["u_abs_sample"]) == 100 and r["val_loss"] > 0
+        if r["betas"][0] == r["betas"][1]:  # tied: the bound, as the telemetry reports it
+            assert max(r["u_abs_sample"]) <= 1.0 + 1e-6
+            assert all(0 <= s["high_snr_fraction"] <= 1 for s in r["stats"])
+    assert (tmp_path / "beta_study.png").exists()

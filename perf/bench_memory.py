@@ -11,7 +11,6 @@ Writes bench_memory.json and bench_memory.png and prints a table last.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import llama_shapes  # noqa: E402
-from common import gpu_snapshot, machine, progress, versions, write_json  # noqa: E402
+from common import gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
 from providers import PROVIDERS, Unavailable, make_optimizer, state_bytes  # noqa: E402
 
 DEFAULT = ("tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,"
@@ -49,9 +48,7 @@ def measure(name, shapes, device):
     row["state_bytes"] = state_bytes(opt)
     row["state_bytes_per_param"] = row["state_bytes"] / n
     del opt, params
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return row
 
 

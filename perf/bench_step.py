@@ -19,7 +19,6 @@ of host-device syncs inside step() (CUDA only). Writes bench_step.json and bench
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_time, progress, versions, write_json  # noqa: E402
+from common import machine, median_time, progress, release, versions, write_json  # noqa: E402
 from providers import PROVIDERS, Unavailable, make_optimizer  # noqa: E402
 
 BETA = 0.95
@@ -105,9 +104,7 @@ def run_one(provider: str, shapes, device: str, args) -> dict:
                syncs=count_syncs(step))
     row["bandwidth_Bps"] = row["bytes"] / row["median_s"]
     del opt, params
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return row
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, progress, versions, write_json  # noqa: E402
+from common import machine, progress, release, versions, write_json  # noqa: E402
 from lm import LMConfig, TinyLM, param_groups  # noqa: E402
 
 PAIRS = {  # framework -> providers
@@ -142,9 +141,7 @@ def run(framework, provider, base, cfg, args, device):
                tokens_per_s=args.batch * cfg.seq / step_s, losses=losses,
                peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
     del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return row
 
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, progress, versions, write_json  # noqa: E402
-from lm import Data, LMConfig, TinyLM, cosine_lr, evaluate, param_groups  # noqa: E402
+from lm import TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402
 
 SETTINGS = {"tied 0.9": (0.9, 0.9), "tied 0.95": (0.95, 0.95), "tied 0.975": (0.975, 0.975),
             "untied 0.9/0.95": (0.9, 0.95), "untied 0.9/0.999": (0.9, 0.999)}
@@ -114,23 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
     ap.add_argument("--lrs", default="1e-3,3e-3")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--data-bytes", type=int, default=2_000_000)
-    ap.add_argument("--eval-batches", type=int, default=20)
+    add_lm_args(ap, steps=300)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--u-sample", type=int, default=20000)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = LMConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 32),
-                   seq=args.seq)
-    data = Data.load(args.data_bytes)
+    cfg, data = setup(args)
     settings = args.settings.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
     runs = []

@@ -102,5 +102,13 @@ def median_time(fn: Callable[[], Any], *, warmup: int, iters: int, device: str) 
             "iters": iters}
 
 
+def release(device: str) -> None:
+    """Give memory back between measurements (call after dropping the references)."""
+    import gc
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def progress(msg: str) -> None:
     print(msg, flush=True)

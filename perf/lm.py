@@ -6,6 +6,7 @@ byte-level tokens (vocabulary 256), files in sorted order, the last 10 % held ou
 
 from __future__ import annotations
 
+import argparse
 import glob
 import math
 import os
@@ -120,3 +121,24 @@ def evaluate(model, data: Data, batches: int, batch: int, seq: int, seed: int) -
     loss = sum(float(model(*data.batch("val", batch, seq, gen))) for _ in range(batches))
     model.train()
     return loss / batches
+
+
+def add_lm_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The model, data and training options the studies share."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--data-bytes", type=int, default=2_000_000)
+    ap.add_argument("--eval-batches", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(args) -> tuple[LMConfig, Data]:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = LMConfig(d_model=args.d_model, n_layers=args.layers,
+                   n_heads=max(1, args.d_model // 32), seq=args.seq)
+    return cfg, Data.load(args.data_bytes)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, progress, versions, write_json  # noqa: E402
-from lm import Data, LMConfig, TinyLM, cosine_lr, evaluate, param_groups  # noqa: E402
+from lm import Data, LMConfig, TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402,E501
 
 BF16, FP32 = torch.bfloat16, torch.float32
 MODES = {
@@ -73,24 +73,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="perf/results")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
+    add_lm_args(ap, steps=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--beta", type=float, default=0.95)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds per mode")
-    ap.add_argument("--data-bytes", type=int, default=2_000_000)
-    ap.add_argument("--eval-batches", type=int, default=20)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = LMConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 32),
-                   seq=args.seq)
-    data = Data.load(args.data_bytes)
+    cfg, data = setup(args)
     modes = args.modes.split(",")
     if "fp32" not in modes:
         modes = ["fp32"] + modes  # the reference every gap is measured against

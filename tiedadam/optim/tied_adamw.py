@@ -384,7 +384,7 @@ class TiedAdamW(Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(with_grad)
-            if len(self._plans) > 16:
+            if len(self._plans) > 64:  # as many as the table cache: ZeRO-3 sub-groups
                 self._plans.popitem(last=False)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

@@ -34,6 +34,12 @@ SETTINGS = {"tied 0.9": (0.9, 0.9), "tied 0.95": (0.95, 0.95), "tied 0.975": (0.
             "untied 0.9/0.95": (0.9, 0.95), "untied 0.9/0.999": (0.9, 0.999)}
 SNR = 0.5
 EPS = 1e-8
+U_BINS, U_MAX = 75, 1.5  # |u| histogram saved per run: bins of 0.02 over [0, 1.5], last one open
+
+
+def u_histogram(values) -> list[int]:
+    t = torch.tensor(values, dtype=torch.float32).clamp(max=U_MAX - 1e-6)
+    return torch.histc(t, bins=U_BINS, min=0.0, max=U_MAX).long().tolist()
 
 
 @torch.no_grad()
@@ -105,7 +111,8 @@ def run(setting, lr, seed, data, cfg, args, device):
                       else untied_stats(opt, args.u_sample))
     val = evaluate(model, data, args.eval_batches, args.batch, cfg.seq, seed=10_000 + seed)
     return dict(setting=setting, betas=[b1, b2], lr=lr, seed=seed, val_loss=val,
-                train_loss=losses, stats=log, u_abs_sample=u_sample, seconds=time.time() - t0)
+                train_loss=losses, stats=log, u_abs_max_sample=max(u_sample, default=0.0),
+                u_abs_hist=u_histogram(u_sample), seconds=time.time() - t0)
 
 
 def main(argv=None) -> int:
@@ -117,7 +124,15 @@ def main(argv=None) -> int:
     add_lm_args(ap, steps=300)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--u-sample", type=int, default=20000)
+    ap.add_argument("--plot-from", default=None, help="re-plot a beta_study.json, train nothing")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        import json
+        with open(args.plot_from) as f:
+            d = json.load(f)
+        plot(d["runs"], d["summary"], os.path.join(args.out, "beta_study.png"),
+             d["model"]["params"], args)
+        return 0
     cfg, data = setup(args)
     settings = args.settings.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
@@ -168,8 +183,11 @@ def plot(runs, summary, path, n_params, args):
         rs = [r for r in runs if r["setting"] == s["setting"] and r["lr"] == s["best_lr"]]
         curve = [sum(x) / len(x) for x in zip(*(smooth(r["train_loss"]) for r in rs))]
         axes[0].plot(curve, label=f"{s['setting']} (lr {s['best_lr']:g})", lw=1)
-        u = [x for r in rs for x in r["u_abs_sample"]]
-        axes[2].hist(u, bins=60, range=(0, 1.5), histtype="step", density=True, label=s["setting"])
+        hist = [sum(c) for c in zip(*(r["u_abs_hist"] for r in rs))]
+        width = U_MAX / U_BINS
+        total = max(1, sum(hist))
+        axes[2].stairs([h / total / width for h in hist], [i * width for i in range(U_BINS + 1)],
+                       label=s["setting"])
     axes[0].set(xlabel="step", ylabel="train loss (smoothed, seed mean)",
                 title=f"{n_params:,}-param LM, best lr per setting")
     axes[0].legend(fontsize=7)

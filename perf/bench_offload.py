@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median_time, progress, versions, write_json  # noqa: E402
-from providers import PROVIDERS, Unavailable, make_optimizer  # noqa: E402
+from providers import Unavailable, make_optimizer  # noqa: E402
 
 BYTES_PER_PARAM = 28  # read p, g, m, v (16 B) + write p, m, v (12 B), fp32
 

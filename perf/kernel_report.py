@@ -9,7 +9,6 @@ Writes kernel_report.json into --out. Runs without TRITON_INTERPRET (it is remov
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

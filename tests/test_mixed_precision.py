@@ -8,7 +8,7 @@ import torch
 
 from tiedadam import TiedAdamW
 from tiedadam.kernels import tied_adamw as K
-from reference import TOL, assert_close, ref_step
+from reference import assert_close, ref_step
 
 BACKENDS = ["triton", "torch"]
 SIZES = [1, 3, 1000, K.CHUNK + 3]

@@ -138,3 +138,31 @@ def test_zero_size_params_count_steps():
         opt.step()
         opt.step()
         assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
+
+
+def test_torch_backend_works_where_triton_cannot_be_imported():
+    # e.g. macOS, where no Triton wheel exists: `import triton` fails; CPU training must not.
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+import torch
+from tiedadam import TiedAdamW
+p = torch.nn.Parameter(torch.randn(10))
+for backend in ("torch", "auto"):
+    opt = TiedAdamW([p], lr=1e-2, backend=backend, telemetry=True)
+    p.grad = torch.randn(10)
+    opt.step()
+    assert float(opt.state[p]["step"]) == 1.0 and opt.telemetry()
+try:
+    TiedAdamW([p], backend="triton")
+except RuntimeError as e:
+    assert "Triton cannot be imported" in str(e) and "backend='torch'" in str(e), e
+else:
+    raise AssertionError("backend='triton' must refuse")
+assert "triton" not in [m for m in sys.modules if sys.modules[m] is not None]
+print("OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

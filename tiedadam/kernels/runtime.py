@@ -17,7 +17,7 @@ import torch
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else the reason it does not."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only: can it be imported?)
     except Exception as e:  # ImportError, or a broken install raising anything else
         return f"{type(e).__name__}: {e}"
     return None

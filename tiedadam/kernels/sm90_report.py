@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import triton
-import triton.language as tl
 
 from . import tied_adamw as K
 

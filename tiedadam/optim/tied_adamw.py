@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from ..kernels.multi_tensor import TableCache, upload
 from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
 from . import hyperparams as H
+from .bucket import Bucket
 from .shards import local_tensor
 from .torch_backend import torch_tied_adamw
 
@@ -328,7 +329,6 @@ class TiedAdamW(Optimizer):
 
     def _plan(self, with_grad: list[tuple[int, Tensor]]):
         """Create missing state and group tensors into launch buckets."""
-        from .triton_backend import Bucket
         for _, p in with_grad:
             if len(self.state[p]) == 0:
                 self._init_state(p)

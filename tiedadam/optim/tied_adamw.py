@@ -399,6 +399,9 @@ class TiedAdamW(Optimizer):
                             snr_threshold=self.snr_threshold)
             else:
                 self._torch_step(b, groups, grad_scale, found_inf)
+            if found_inf is not None:  # AMP: a skipped step does not count, on either backend
+                inf = found_inf.to(b.device, torch.float32, non_blocking=True)
+                torch._foreach_sub_(b.steps, [inf] * len(b.steps))
         self._beta_seen = {id(g): g["beta"] for g in groups}
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan
@@ -482,6 +485,4 @@ class TiedAdamW(Optimizer):
                            beta=group["beta"], eps=group["eps"],
                            snr_threshold=self.snr_threshold, grad_scale=grad_scale)
                 b.telemetry[idx] = rows
-        if found_inf is not None:  # a skipped step does not count
-            inf = found_inf.to(b.device, torch.float32)
-            torch._foreach_sub_(b.steps, [inf] * len(b.steps))
+

@@ -82,8 +82,6 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
         table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,
                           watched=(K.ROLE_PARAM, K.ROLE_GRAD), volatile=(K.ROLE_GRAD,))
         K.launch_tied_adamw(table, hyper, **kw)
-    if inf is not None:
-        torch._foreach_sub_(b.steps, [inf] * len(b.steps))  # a skipped step does not count
 
 
 def _per_device(grad_scale, found_inf, device):

@@ -110,12 +110,39 @@ def beta_table(rel="perf/results/cpu/beta_study.json") -> str:
             f"{c['seeds']} seeds; " + machine_line({"machine_before": d["machine"], **d})[1:])
 
 
+def train_table(*rels) -> str:
+    """End-to-end training rows from one or more bench_train JSON files (one machine line each)."""
+    lines = ["| framework | provider | step ms | tokens/s | optimizer ms | optimizer share | peak MiB | file |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    notes = []
+    for rel in rels:
+        d = _load(rel)
+        if d is None:
+            return f"*(no results file `{rel}` yet)*"
+        for r in d["results"]:
+            lines.append(f"| {r['framework']} | {r['provider']} | {r['step_s'] * 1e3:.1f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['optimizer_s'] * 1e3:.2f} | "
+                         f"{r['optimizer_share'] * 100:.1f} % | "
+                         f"{r['peak_memory_bytes'] / 2**20:,.0f} | {os.path.basename(rel)} |")
+        m = d["model"]
+        notes.append(f"`{os.path.basename(rel)}`: {m['params'] / 1e6:.1f}M-param GPT "
+                     f"({m['n_layers']} layers, d={m['d_model']}), batch {d['config']['batch']} × "
+                     f"{m['seq']}; " + machine_line(d)[1:-1])
+    return "\n".join(lines) + "\n\n" + "\n".join(f"*{n}*" for n in notes)
+
+
+GPU = "perf/results/h200"
+
 BLOCKS = {
     "beta_study": beta_table,
     "precision_study": precision_table,
     "cpu_offload": offload_table,
     "kernel_report": kernel_table,
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
+    "gpu_step": lambda: step_table(f"{GPU}/bench_step.json"),
+    "gpu_step_peers": lambda: (step_table(f"{GPU}/bench_step_ds.json") + "\n\n"
+                               + step_table(f"{GPU}/bench_step_compiled.json")),
+    "gpu_train": lambda: train_table(f"{GPU}/bench_train.json", f"{GPU}/bench_train_ds.json"),
 }
 
 

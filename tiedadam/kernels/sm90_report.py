@@ -19,7 +19,8 @@ import triton
 
 from . import tied_adamw as K
 
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+        torch.float64: "*fp64"}
 
 
 @dataclass
@@ -70,6 +71,7 @@ def variants():
         (fp32, bf16, False, False, False),   # bf16 states, round to nearest (ablation)
         (bf16, bf16, False, True, True),     # pure bf16 with stochastic rounding
         (bf16, bf16, True, True, False),     # master weights + bf16 states
+        (torch.float64, torch.float64, False, False, False),  # fp64 params: fp64 state, math
     ]
     for param, state, master, ssr, psr in modes:
         for flat in (False, True):
@@ -117,7 +119,8 @@ def compile_variant(param, state, master, scale, flat, state_sr=False, param_sr=
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path],
                               capture_output=True, text=True, check=True).stdout
     ops = Counter(re.findall(r"\b((?:LDG|STG)\.E[\w.]*)", sass))
-    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.float64: "fp64"}
     name = "-".join([f"p{short[param]}", f"s{short[state]}"] + (["master"] if master else [])
                     + (["sr"] if state_sr else []) + (["psr"] if param_sr else [])
                     + (["scale"] if scale else []) + (["telemetry"] if telemetry else [])

@@ -61,7 +61,8 @@ def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32
 # (Triton 3.9 warns that its default flips in 3.10).
 ENABLE_FP_FUSION = False
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
 
 # Launch counter: tests assert one launch per (device, dtype) group per step.
 launches = 0
@@ -80,6 +81,23 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def _sqrt(x, COMPUTE: tl.constexpr):
+    # IEEE round-to-nearest in both precisions (fp64 sqrt is always correctly rounded).
+    if COMPUTE == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(x, y, COMPUTE: tl.constexpr):
+    if COMPUTE == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
 def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
                       decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
                       seed, t_u32, tid_u32, inv_c, snr_threshold,
@@ -88,24 +106,29 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
                       TELEMETRY: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access).
 
-    Returns this block's telemetry partials (Note [telemetry]); zeros when TELEMETRY is off,
-    which the compiler removes."""
-    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    Math in fp32 registers, or fp64 for fp64 params (as torch.optim.AdamW computes in the
+    param's dtype). Returns this block's telemetry partials (Note [telemetry]); zeros when
+    TELEMETRY is off, which the compiler removes."""
+    COMPUTE: tl.constexpr = tl.float64 if PARAM == tl.float64 else tl.float32
+    g = tl.load(g_ptrs, mask=mask).to(COMPUTE)
     if HAS_SCALE:
         g = g * inv_scale
+        # Note [amp]: the unscaled grad is written back, as torch's fused AdamW does, so that
+        # p.grad reads the same after scaler.step() on every backend.
+        tl.store(g_ptrs, g.to(PARAM), mask=mask)
     if HAS_MASTER:
         p = tl.load(w_ptrs, mask=mask)
     else:
-        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptrs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptrs, mask=mask).to(tl.float32)
+        p = tl.load(p_ptrs, mask=mask).to(COMPUTE)
+    m = tl.load(m_ptrs, mask=mask).to(COMPUTE)
+    v = tl.load(v_ptrs, mask=mask).to(COMPUTE)
 
     p = p * decay
     m = m + one_minus_beta * (g - m)
     v = v * beta + one_minus_beta * g * g
-    sqrt_v = tl.sqrt_rn(v)
-    denom = tl.div_rn(sqrt_v, bc_sqrt) + eps
-    q = tl.div_rn(m, denom)
+    sqrt_v = _sqrt(v, COMPUTE)
+    denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps
+    q = _div(m, denom, COMPUTE)
     p = p - step_size * q
 
     gsq = 0.0
@@ -118,9 +141,9 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         ratio = tl.abs(m) / tl.where(sqrt_v > 0, sqrt_v * bc_sqrt, 1.0)  # |m_hat| / sqrt(v_hat)
         bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32)
         hi = (ratio > snr_threshold).to(tl.float32)
-        g2 = g * g
-        u2 = u * u
-        ua = tl.abs(u)
+        g2 = (g * g).to(tl.float32)
+        u2 = (u * u).to(tl.float32)
+        ua = tl.abs(u).to(tl.float32)
         if MASKED:
             g2 = tl.where(mask, g2, 0.0)
             u2 = tl.where(mask, u2, 0.0)
@@ -140,7 +163,7 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         z = (offs * 0).to(tl.uint32)
         r0, r1, _, _ = tl.philox(seed, offs.to(tl.uint32), (offs >> 32).to(tl.uint32),
                                  z + t_u32, z + tid_u32)
-    if STATE == tl.float32:
+    if STATE == tl.float32 or STATE == tl.float64:
         tl.store(m_ptrs, m, mask=mask)
         tl.store(v_ptrs, v, mask=mask)
     elif STATE_SR:
@@ -151,7 +174,7 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         tl.store(v_ptrs, _round_to_bf16(v, 0, False), mask=mask)
     if HAS_MASTER:
         tl.store(w_ptrs, p, mask=mask)
-    if PARAM == tl.float32:
+    if PARAM == tl.float32 or PARAM == tl.float64:
         tl.store(p_ptrs, p, mask=mask)
     elif PARAM_SR:
         tl.store(p_ptrs, _round_to_bf16(p, r1 & 0xFFFF, True), mask=mask)
@@ -175,11 +198,12 @@ def _tied_adamw_kernel(
 ):
     """Tied-beta AdamW over one chunk of one tensor (formula in the module docstring)."""
     pid = tl.program_id(0)
+    COMPUTE: tl.constexpr = tl.float64 if PARAM == tl.float64 else tl.float32
+    skip = False
     if HAS_SCALE:
         # AMP: a step with non-finite grads changes nothing (the host never looks).
-        if tl.load(found_inf_ptr) != 0:
-            return
-        inv_scale = 1.0 / tl.load(scale_ptr)
+        skip = tl.load(found_inf_ptr) != 0
+        inv_scale = (1.0 / tl.load(scale_ptr)).to(COMPUTE)
     else:
         inv_scale = 1.0
 
@@ -209,6 +233,31 @@ def _tied_adamw_kernel(
         w_base = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.float32))
         step_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
 
+    # Note [loop bounds]: a program walks only the elements of its chunk that exist,
+    # rem = min(numel - start, CHUNK): whole BLOCKs unmasked (aligned tensors), then one masked
+    # tail; misaligned tensors take masked BLOCKs over rem only. No iteration touches nothing.
+    rem = tl.minimum(numel - start, CHUNK)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    gsq = 0.0
+    usq = 0.0
+    umax = 0.0
+    nonfinite = 0.0
+    high = 0.0
+    if skip:
+        if TELEMETRY:
+            # The grads of a skipped step are still reported (their non-finite count is why
+            # the step was skipped); nothing is written.
+            for i in range(0, rem, BLOCK):
+                o = offs + i
+                g = tl.load(g_base + o, mask=o < numel, other=0.0).to(tl.float32) * inv_scale
+                bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32)
+                gsq += tl.sum(g * g, axis=0)
+                nonfinite += tl.sum(bad, axis=0)
+            row = tele_ptr + 5 * tid
+            tl.atomic_add(row + 0, gsq)
+            tl.atomic_add(row + 3, nonfinite)
+        return
+
     # Per-program scalars in fp64, as torch computes them in Python floats.
     lr = tl.load(hyper_ptr + 4 * group + 0)
     beta = tl.load(hyper_ptr + 4 * group + 1)
@@ -219,29 +268,24 @@ def _tied_adamw_kernel(
     t_u32 = t32.to(tl.uint32)
     tid_u32 = tid.to(tl.uint32)
     c = 1.0 - tl.exp(t * tl.log(beta))  # beta**t; beta = 0 gives exp(-inf) = 0
-    step_size = (lr / c).to(tl.float32)
-    bc_sqrt = tl.sqrt(c).to(tl.float32)
-    decay = (1.0 - lr * weight_decay).to(tl.float32)
-    one_minus_beta = (1.0 - beta).to(tl.float32)
-    beta32 = beta.to(tl.float32)
-    eps32 = eps.to(tl.float32)
+    step_size = (lr / c).to(COMPUTE)
+    bc_sqrt = tl.sqrt(c).to(COMPUTE)
+    decay = (1.0 - lr * weight_decay).to(COMPUTE)
+    one_minus_beta = (1.0 - beta).to(COMPUTE)
+    beta_c = beta.to(COMPUTE)
+    eps_c = eps.to(COMPUTE)
+    inv_c = (1.0 / c).to(COMPUTE)
 
-    inv_c = (1.0 / c).to(tl.float32)
-    gsq = 0.0
-    usq = 0.0
-    umax = 0.0
-    nonfinite = 0.0
-    high = 0.0
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    if (aligned != 0) & (start + CHUNK <= numel):
-        # Full chunk of an aligned tensor: unmasked, hinted 16-byte vector access.
-        for i in range(0, CHUNK, BLOCK):
+    if aligned != 0:
+        # Whole BLOCKs of an aligned tensor: unmasked, hinted 16-byte vector access.
+        n_full = (rem // BLOCK) * BLOCK
+        for i in range(0, n_full, BLOCK):
             o = offs + i
             a, b, mx, nf, hi = _tied_adamw_block(
                 tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
                 tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
                 tl.multiple_of(w_base + o, _ALIGN), None, o,
-                decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
+                decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
                 seed, t_u32, tid_u32, inv_c, snr_threshold,
                 PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False)
             gsq += a
@@ -249,20 +293,23 @@ def _tied_adamw_kernel(
             umax = tl.maximum(umax, mx)
             nonfinite += nf
             high += hi
+        lo = n_full
     else:
-        # Tail chunk, or a misaligned view: masked, no alignment promise.
-        for i in range(0, CHUNK, BLOCK):
-            o = offs + i
-            a, b, mx, nf, hi = _tied_adamw_block(
-                p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
-                decay, one_minus_beta, beta32, step_size, bc_sqrt, eps32, inv_scale,
-                seed, t_u32, tid_u32, inv_c, snr_threshold,
-                PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
-            gsq += a
-            usq += b
-            umax = tl.maximum(umax, mx)
-            nonfinite += nf
-            high += hi
+        lo = rem * 0
+    # The masked rest: the tail of an aligned tensor (one BLOCK at most), or all of rem for a
+    # misaligned view; no alignment promise.
+    for i in range(lo, rem, BLOCK):
+        o = offs + i
+        a, b, mx, nf, hi = _tied_adamw_block(
+            p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
+            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+            seed, t_u32, tid_u32, inv_c, snr_threshold,
+            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
+        gsq += a
+        usq += b
+        umax = tl.maximum(umax, mx)
+        nonfinite += nf
+        high += hi
     if TELEMETRY:
         # Note [telemetry]: one atomic per metric per program into the tensor's row.
         row = tele_ptr + 5 * tid

@@ -1,5 +1,6 @@
-"""The tensors of one launch (one per device, param dtype, state dtype, master), shared by both
-backends. No Triton import here: the torch backend must work where Triton is not installed."""
+"""The tensors of one launch (one per device, param dtype, state dtype, master, rounding mode),
+shared by both backends. No Triton import here: the torch backend must work where Triton is
+not installed."""
 
 from __future__ import annotations
 
@@ -11,24 +12,32 @@ from torch import Tensor
 
 @dataclass
 class Bucket:
-    """The tensors of one launch, in a fixed order (grads are fetched fresh every step)."""
+    """The tensors of one launch, in a fixed order. Built once per plan (Note [what the kernel
+    may trust] in plan.py); ``grads`` (and ``params`` where a working copy stands in for a
+    non-dense param) are set afresh every step by ``bind``."""
     device: torch.device
     param_dtype: torch.dtype
     state_dtype: torch.dtype
     has_master: bool
+    state_sr: bool = False  # bf16 states rounded stochastically
+    param_sr: bool = False  # bf16 params (no master) rounded stochastically
+    seed: int = 0  # key of the rounding RNG
+    index: list[int] = field(default_factory=list)  # positions in the step's entry list
     params: list[Tensor] = field(default_factory=list)  # local tensors (DTensor unwrapped)
+    grads: list[Tensor] = field(default_factory=list)
     sources: list[Tensor] = field(default_factory=list)  # what holds .grad (the Parameter)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     masters: list[Tensor | None] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
-    dtensor: bool = False  # some params are DTensors: their local shards are re-read each step
+    positions: list[int] = field(default_factory=list)  # index in the group (rounding RNG)
     names: list[str] = field(default_factory=list)  # for telemetry
     telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
+    has_copies: bool = False  # some params step through working copies
 
-    def refresh_locals(self, local) -> None:
-        """FSDP2 may re-point a DTensor's local shard (reset_sharded_param): read it afresh so
-        the table cache's address check sees the memory that will actually be updated."""
-        if self.dtensor:
-            self.params = [local(s) for s in self.sources]
+    def bind(self, entries) -> None:
+        """This step's grads (and working copies) from the verified entries."""
+        self.grads = [entries[i].grad for i in self.index]
+        if self.has_copies:
+            self.params = [entries[i].param for i in self.index]

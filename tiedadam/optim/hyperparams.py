@@ -4,6 +4,7 @@ and is raised before any state or parameter changes."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ def _scalar(name: str, value: Any, where: str) -> float | None:
         if value.device.type != "cpu":
             return None
         return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
         raise TypeError(f"{where}{name} must be a float, got {type(value).__name__}: {value!r}")
     return float(value)
 
@@ -101,10 +102,76 @@ def check_beta_for_state(beta: float, state_dtype: torch.dtype, where: str = "")
             f"(0.95 is the usual tied value) or state_dtype=torch.float32.")
 
 
-def check_state_dtype(state_dtype: Any) -> torch.dtype:
+_STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16}
+
+
+def check_state_dtype(state_dtype: Any, where: str = "") -> torch.dtype:
+    """torch.float32 / torch.bfloat16, or their names ("float32", "bfloat16": JSON configs)."""
     if state_dtype is None:
         return torch.float32
-    if state_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"Unsupported state_dtype={state_dtype}: use torch.float32 (default) "
-                         f"or torch.bfloat16")
-    return state_dtype
+    if isinstance(state_dtype, str):
+        key = state_dtype.removeprefix("torch.")
+        if key in _STATE_DTYPES:
+            return _STATE_DTYPES[key]
+    elif state_dtype in (torch.float32, torch.bfloat16):
+        return state_dtype
+    raise ValueError(f"Unsupported {where}state_dtype={state_dtype!r}: use torch.float32 "
+                     f"(default) or torch.bfloat16 (or the strings 'float32', 'bfloat16')")
+
+
+# Per-group options besides the hyperparameters, with their defaults (kept in defaults and in
+# every group, as torch keeps foreach/fused/capturable, so deepcopy, pickling and state_dict()
+# carry them).
+OPTION_DEFAULTS = dict(capturable=False, maximize=False, master_weights=False,
+                       state_dtype=torch.float32, stochastic_rounding=True,
+                       param_stochastic_rounding=False, seed=0)
+
+
+def _flag(group: dict, key: str, where: str) -> None:
+    v = group[key]
+    if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
+        raise TypeError(f"{where}{key} must be True or False, got {v!r}")
+    group[key] = bool(v)
+
+
+def check_group(group: dict, where: str = "") -> None:
+    """Validate (and normalise in place) one param group's hyperparameters and options.
+
+    Run at construction, on add_param_group and load_state_dict, and at every step (so edits
+    between steps are checked before anything changes). ``group["beta"]`` must already be
+    resolved from beta/betas."""
+    check_lr(group["lr"], where)
+    beta = check_beta(group["beta"], where)
+    check_eps(group["eps"], where)
+    check_weight_decay(group["weight_decay"], where)
+    if group.get("amsgrad"):
+        raise ValueError(f"{where}amsgrad=True: TiedAdamW has no AMSGrad (it would keep a "
+                         f"max of v that tied betas do not use, and ignoring it would train "
+                         f"differently from the checkpoint's optimizer); load it into "
+                         f"torch.optim.AdamW instead")
+    for key in ("capturable", "maximize", "master_weights", "stochastic_rounding",
+                "param_stochastic_rounding"):
+        _flag(group, key, where)
+    if group["maximize"]:
+        raise ValueError(f"{where}maximize=True is not supported: TiedAdamW minimises; "
+                         f"minimise the negated objective instead")
+    group["state_dtype"] = check_state_dtype(group["state_dtype"], where)
+    check_beta_for_state(beta, group["state_dtype"], where)
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{where}seed must be an int, got {type(seed).__name__}: {seed!r}")
+    group["seed"] = int(seed) % (2 ** 63)
+    group["beta"], group["betas"] = beta, (beta, beta)
+
+
+def check_deepspeed_compat(adam_w_mode: Any, torch_adam: Any) -> None:
+    """Keys that DeepSpeed configs written for its AdamW carry. ``torch_adam`` only picks
+    DeepSpeed's implementation (ignored here); ``adam_w_mode`` must be True (decoupled decay)."""
+    if not adam_w_mode:
+        raise ValueError("adam_w_mode=False asks for Adam with L2 regularisation (weight decay "
+                         "added to the gradient); TiedAdamW implements AdamW's decoupled weight "
+                         "decay only. Remove adam_w_mode or set it to true, or use DeepSpeed's "
+                         "Adam for L2 regularisation")
+    if torch_adam is not None and not isinstance(torch_adam, bool):
+        raise TypeError(f"torch_adam must be True or False, got {torch_adam!r}")

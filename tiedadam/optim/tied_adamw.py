@@ -12,14 +12,15 @@ from torch.optim import Optimizer
 from ..kernels.multi_tensor import TableCache, upload
 from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
 from . import hyperparams as H
+from . import plan as P
 from .bucket import Bucket
+from .plan import MASTER_KEY
 from .shards import local_tensor
-from .torch_backend import torch_tied_adamw
+from .torch_backend import torch_step
 
 # State keys this optimizer owns; named as torch.optim.AdamW names them so checkpoints move
 # between the two in both directions.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
-MASTER_KEY = "master_param"
 _UNSET = object()
 
 
@@ -74,40 +75,27 @@ class TiedAdamW(Optimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, beta: Any = _UNSET,
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, betas: Any = None,
                  backend: str = "auto", master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = True,
+                 state_dtype: torch.dtype | str | None = None, stochastic_rounding: bool = True,
                  param_stochastic_rounding: bool = False, seed: int | None = None,
-                 capturable: bool = False, telemetry: bool = False, snr_threshold: float = 0.5,
-                 names: list[str] | None = None):
+                 capturable: bool = False, maximize: bool = False, telemetry: bool = False,
+                 snr_threshold: float = 0.5, names: list[str] | None = None,
+                 adam_w_mode: bool = True, torch_adam: bool | None = None):
         self.backend = H.check_backend(backend)
         if backend == "triton":
             reason = triton_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-        H.check_lr(lr)
-        H.check_eps(eps)
-        H.check_weight_decay(weight_decay)
-        beta = self._resolve_beta(beta, betas, "")
-        self.state_dtype = H.check_state_dtype(state_dtype)
-        H.check_beta_for_state(beta, self.state_dtype)
-        self.master_weights = bool(master_weights)
-        self.stochastic_rounding = bool(stochastic_rounding)
-        self.param_stochastic_rounding = bool(param_stochastic_rounding)
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.seed = int(torch.initial_seed() if seed is None else seed) % (2 ** 63)
-        self._generators: dict = {}
-        self._hyper_dev: dict = {}
-        self.telemetry_enabled = bool(telemetry)
-        if not 0.0 <= float(snr_threshold) < 1.0:
-            raise ValueError(f"Invalid snr_threshold={snr_threshold}: |m_hat|/sqrt(v_hat) lies in "
-                             f"[0, 1] with tied betas, so the threshold must be in [0, 1)")
-        self.snr_threshold = float(snr_threshold)
-        self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
-        defaults = dict(lr=lr, beta=beta, betas=(beta, beta), eps=eps,
-                        weight_decay=weight_decay, capturable=bool(capturable))
-        self._state_version = 0
-        self._plans: OrderedDict = OrderedDict()
-        self._tables = TableCache()
+        H.check_deepspeed_compat(adam_w_mode, torch_adam)
+        if seed is None:
+            seed = torch.initial_seed()
+        defaults = dict(lr=lr, beta=self._resolve_beta(beta, betas, ""), eps=eps,
+                        weight_decay=weight_decay, capturable=bool(capturable),
+                        maximize=maximize, master_weights=master_weights,
+                        state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                        param_stochastic_rounding=param_stochastic_rounding, seed=seed)
+        H.check_group(defaults, "")  # normalises in place (betas, state_dtype, seed)
+        self._set_options(telemetry, snr_threshold)
+        self._reset_caches()
         self._beta_seen: dict[int, float] = {}
         super().__init__(params, defaults)
         if names is not None:
@@ -118,6 +106,52 @@ class TiedAdamW(Optimizer):
         # torch.amp.GradScaler then hands us grad_scale/found_inf instead of unscaling the
         # grads in a separate pass; the kernel unscales and skips non-finite steps itself.
         self._step_supports_amp_scaling = True
+
+    def _set_options(self, telemetry: bool, snr_threshold: float) -> None:
+        if not 0.0 <= float(snr_threshold) < 1.0:
+            raise ValueError(f"Invalid snr_threshold={snr_threshold}: |m_hat|/sqrt(v_hat) lies in "
+                             f"[0, 1] with tied betas, so the threshold must be in [0, 1)")
+        self.telemetry_enabled = bool(telemetry)
+        self.snr_threshold = float(snr_threshold)
+
+    def _reset_caches(self) -> None:
+        """Derived, rebuildable state: never pickled, rebuilt after a load or a deepcopy."""
+        self._state_version = getattr(self, "_state_version", 0) + 1
+        self._plans: OrderedDict = OrderedDict()
+        self._tables = TableCache()
+        self._hyper_dev: dict = {}
+        self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
+
+    # Options that are not per-group hyperparameters travel with the object (deepcopy, pickle);
+    # the per-group ones (state_dtype, seed, master_weights, ...) live in defaults and groups,
+    # as torch keeps foreach/fused/capturable, so state_dict() round trips carry them too.
+    _INSTANCE_OPTIONS = ("backend", "telemetry_enabled", "snr_threshold", "_names")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._INSTANCE_OPTIONS if k in self.__dict__})
+        return state
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The default group's state dtype (groups may override it)."""
+        return self.defaults["state_dtype"]
+
+    @property
+    def seed(self) -> int:
+        return self.defaults["seed"]
+
+    @property
+    def master_weights(self) -> bool:
+        return self.defaults["master_weights"]
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        return self.defaults["stochastic_rounding"]
+
+    @property
+    def param_stochastic_rounding(self) -> bool:
+        return self.defaults["param_stochastic_rounding"]
 
     # ------------------------------------------------------------------ param groups
     @staticmethod
@@ -150,16 +184,14 @@ class TiedAdamW(Optimizer):
         where = f"param_groups[{n}]: "
         group = dict(param_group)
         if "beta" in group or "betas" in group:
-            beta = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"), where)
-        else:
-            beta = self.defaults["beta"]
-        H.check_beta_for_state(beta, self.state_dtype, where)
-        group["beta"], group["betas"] = beta, (beta, beta)
-        for k in ("lr", "eps", "weight_decay"):
-            if k in group:
-                getattr(H, f"check_{k}")(group[k], where)
+            group["beta"] = self._resolve_beta(group.pop("beta", _UNSET),
+                                               group.pop("betas", None), where)
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        H.check_group(group, where)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        seen = set()
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) else p  # (name, param) from named_parameters()
             if isinstance(p, Tensor):
@@ -170,34 +202,38 @@ class TiedAdamW(Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"{where}params[{i}] has dtype {p.dtype}: only floating-"
                                      f"point params can be optimized")
-                if not local_tensor(p).is_contiguous():
-                    raise ValueError(f"{where}params[{i}] is not contiguous (strides "
-                                     f"{p.stride()}): TiedAdamW updates params as flat memory; "
-                                     f"make the parameter contiguous")
+                if id(p) in seen:
+                    # torch warns and steps it twice; one launch would update it twice at once
+                    raise ValueError(f"{where}params[{i}] appears twice in the group: list "
+                                     f"each parameter once (torch.optim warns that this will "
+                                     f"become an error)")
+                seen.add(id(p))
         group["params"] = params
         super().add_param_group(group)
+        self._beta_seen[id(self.param_groups[-1])] = self.param_groups[-1]["beta"]
         self._invalidate()
 
     def __setstate__(self, state: dict) -> None:
+        # Also called by Optimizer.load_state_dict with the loaded groups, and by deepcopy and
+        # unpickling with what __getstate__ gave.
         super().__setstate__(state)
-        # Groups from torch.optim.AdamW carry only betas: derive (and check) beta.
+        d = self.__dict__
+        d.setdefault("backend", "auto")
+        d.setdefault("telemetry_enabled", False)
+        d.setdefault("snr_threshold", 0.5)
+        for k, v in H.OPTION_DEFAULTS.items():  # pickles from before these were group options
+            self.defaults.setdefault(k, v)
         for i, group in enumerate(self.param_groups):
-            beta = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"),
-                                      f"param_groups[{i}]: ")
-            group["beta"], group["betas"] = beta, (beta, beta)
-        self.__dict__.setdefault("_state_version", 0)
-        self.__dict__.setdefault("_plans", OrderedDict())
-        self.__dict__.setdefault("_tables", TableCache())
-        self.__dict__.setdefault("_beta_seen", {})
-        self.__dict__.setdefault("_generators", {})
-        self.__dict__.setdefault("_tele_plans", OrderedDict())
-        self.__dict__.setdefault("telemetry_enabled", False)
-        self.__dict__.setdefault("_hyper_dev", {})
-        self.__dict__.setdefault("backend", "auto")
-        self.__dict__.setdefault("state_dtype", torch.float32)
-        for group in self.param_groups:
-            group.setdefault("capturable", False)
-        self._invalidate()
+            where = f"param_groups[{i}]: "
+            for k, v in self.defaults.items():
+                if k not in ("beta", "betas"):
+                    group.setdefault(k, v)
+            # Groups from torch.optim.AdamW carry only betas: derive (and check) beta.
+            group["beta"] = self._resolve_beta(group.get("beta", _UNSET), group.get("betas"),
+                                               where)
+            H.check_group(group, where)
+        self._reset_caches()
+        self._beta_seen = {id(g): g["beta"] for g in self.param_groups}
 
     def _invalidate(self) -> None:
         """Forget cached plans and tables (param set or state tensors changed)."""
@@ -209,40 +245,29 @@ class TiedAdamW(Optimizer):
     def _sync_beta(self, group: dict, where: str) -> None:
         """Keep ``beta`` and ``betas`` in step when a scheduler or the user edits one of them.
 
-        The value seen at the last step (kept outside the group, so state_dict stays clean)
-        tells which of the two was edited.
+        The value last validated (kept outside the group, so state_dict stays clean; recorded
+        when the group is added or loaded and at every step) tells which of the two was edited.
         """
-        beta, betas = group["beta"], tuple(group["betas"])
-        if betas[0] != betas[1]:
+        beta, betas = group["beta"], group["betas"]
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}betas must be a pair (beta, beta), got {betas!r}") from None
+        if b1 != b2:
             H.tied_beta_from_betas(betas, where)  # raises the untied-betas error
-        if betas[0] == beta:
+        if b1 == beta:
             return
         seen = self._beta_seen.get(id(group))
         if beta == seen:  # betas was edited
-            beta = H.check_beta(betas[0], where)
-        elif betas[0] == seen:  # beta was edited
+            beta = H.check_beta(b1, where)
+        elif b1 == seen:  # beta was edited
             beta = H.check_beta(beta, where)
         else:
-            raise ValueError(f"{where}beta={beta} and betas={betas} disagree: set one of them "
-                             f"(TiedAdamW keeps betas == (beta, beta))")
-        H.check_beta_for_state(beta, self.state_dtype, where)
+            raise ValueError(f"{where}beta={beta} and betas={tuple(betas)} disagree: set one of "
+                             f"them (TiedAdamW keeps betas == (beta, beta))")
         group["beta"], group["betas"] = beta, (beta, beta)
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, p: Tensor) -> None:
-        state = self.state[p]
-        local = local_tensor(p)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
-        state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype,
-                                            memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype,
-                                               memory_format=torch.preserve_format)
-        self._init_master(p)
-
-    def _init_master(self, p: Tensor) -> None:
-        if self.master_weights and p.dtype != torch.float32 and MASTER_KEY not in self.state[p]:
-            self.state[p][MASTER_KEY] = p.detach().to(torch.float32, copy=True)
-
     def state_bytes(self) -> dict[str, int]:
         """Bytes of optimizer state held on each device (local shards for DTensors), e.g.
         ``{"cuda:0": 12_000_000}``: for memory accounting without guessing."""
@@ -257,48 +282,98 @@ class TiedAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a TiedAdamW or torch.optim.AdamW(betas=(b, b)) state dict.
 
-        Unlike torch's loader, which casts every float state to the param dtype, exp_avg and
-        exp_avg_sq keep this optimizer's state dtype (fp32 by default, also for bf16 params).
+        Checked before anything changes: tied betas, every hyperparameter and option, no
+        AMSGrad or maximize, and every saved state tensor the shape of its parameter. Options a
+        saved group lacks (a torch.optim.AdamW checkpoint has no ``state_dtype``) keep their
+        current values. Unlike torch's loader, which casts every float state to the param dtype,
+        exp_avg and exp_avg_sq get the group's state dtype (fp32 by default, also for bf16
+        params; fp64 for fp64 params).
         """
-        # A saved group may lack hyperparameters: torch's FSDP1 optimizer-state conversion drops
-        # all keys of a group that is empty on this rank. Keep the current group's values then
-        # (torch's own AdamW fails with KeyError: 'lr' at its next step).
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, this "
+                             f"optimizer has {len(self.param_groups)}")
         saved_groups = []
-        for i, g in enumerate(state_dict["param_groups"]):
-            current = self.param_groups[i] if i < len(self.param_groups) else {}
-            saved_groups.append({**{k: v for k, v in current.items() if k != "params"}, **g})
-        state_dict = {**state_dict, "param_groups": saved_groups}
-        for i, g in enumerate(saved_groups):  # refuse before anything changes
-            b = self._resolve_beta(g.get("beta", _UNSET), g.get("betas"), f"param_groups[{i}]: ")
-            H.check_beta_for_state(b, self.state_dtype, f"param_groups[{i}]: ")
+        for i, (g, current) in enumerate(zip(groups, self.param_groups)):
+            where = f"state_dict['param_groups'][{i}]: "
+            # A saved group may lack keys: torch.optim.AdamW has no state_dtype or seed, and
+            # torch's FSDP1 optimizer-state conversion drops all keys of a group that is empty
+            # on this rank. Keep the current values then (torch's AdamW would fail with
+            # KeyError: 'lr' at its next step). beta and betas are one setting: a saved
+            # betas=(0.9, 0.9) replaces the current beta.
+            keep = {k: v for k, v in current.items() if k not in g and k != "params"}
+            if "beta" in g or "betas" in g:
+                keep.pop("beta", None)
+                keep.pop("betas", None)
+            merged = {**keep, **g}
+            merged["beta"] = self._resolve_beta(merged.get("beta", _UNSET),
+                                                merged.get("betas"), where)
+            H.check_group(merged, where)
+            if len(merged["params"]) != len(current["params"]):
+                raise ValueError(f"{where}holds {len(merged['params'])} parameters, this "
+                                 f"optimizer's group {len(current['params'])}")
+            saved_groups.append(merged)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+        group_of = {k: g for g in saved_groups for k in g["params"]}
         own = {}
         stripped = {}
         for k, s in state_dict["state"].items():
             own[k] = {n: s[n] for n in STATE_KEYS + (MASTER_KEY,) if n in s}
             stripped[k] = {n: v for n, v in s.items() if n not in own[k]}
-        super().load_state_dict({**state_dict, "state": stripped})
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, params))
+            if k in id_map:
+                self._check_loaded(id_map[k], k, own[k])
+        super().load_state_dict({**state_dict, "param_groups": saved_groups, "state": stripped})
         for k, tensors in own.items():
+            if k not in id_map:
+                continue
             p = id_map[k]
             state = self.state[p]
+            group = group_of[k]
             for n, v in tensors.items():
-                state[n] = self._cast_loaded(p, n, v)
+                state[n] = self._cast_loaded(p, n, v, group)
             if not state:
                 del self.state[p]
-            elif "exp_avg" in state:
-                self._init_master(p)  # a checkpoint without master weights: start from params
+            else:  # a checkpoint without master weights: start from the params
+                P.init_master(p, state, group)
         self._invalidate()
 
-    def _cast_loaded(self, p: Tensor, name: str, v: Any) -> Tensor:
+    @staticmethod
+    def _check_loaded(p: Tensor, k, saved: dict) -> None:
+        """Refuse saved state that cannot belong to ``p`` (before anything is loaded)."""
+        for n in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+            v = saved.get(n)
+            if v is None:
+                continue
+            if not isinstance(v, Tensor) or not v.is_floating_point():
+                raise ValueError(f"state_dict['state'][{k!r}][{n!r}] is not a floating-point "
+                                 f"tensor ({type(v).__name__})")
+            if v.shape != p.shape:
+                raise ValueError(
+                    f"state_dict['state'][{k!r}][{n!r}] has shape {tuple(v.shape)}, but the "
+                    f"parameter it maps to has shape {tuple(p.shape)}: the state dict was saved "
+                    f"for another model (or another parameter order)")
+        t = saved.get("step")
+        if t is not None and not (isinstance(t, (int, float)) or
+                                  (isinstance(t, Tensor) and t.numel() == 1)):
+            raise ValueError(f"state_dict['state'][{k!r}]['step'] must be a number or a "
+                             f"one-element tensor")
+
+    def _cast_loaded(self, p: Tensor, name: str, v: Any, group: dict) -> Tensor:
         local = local_tensor(p)
         if name == "step":
             v = v if isinstance(v, Tensor) else torch.tensor(float(v))
             return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
-        dtype = torch.float32 if name == MASTER_KEY else self.state_dtype
-        if hasattr(v, "to_local") or not hasattr(p, "to_local"):
+        dtype = torch.float32 if name == MASTER_KEY else P.state_dtype_for(local.dtype, group)
+        _, in_place = P.walk_strides(local)
+        fmt = torch.preserve_format if in_place else torch.contiguous_format
+        if hasattr(v, "to_local"):
             return v.detach().to(device=p.device, dtype=dtype, copy=True)
+        if not hasattr(p, "to_local"):
+            out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
+            out.copy_(v.detach())  # the param's walk layout, whatever the saved strides
+            return out
         # Plain tensor state for a DTensor param: shard it like the param.
         from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(v.detach().to(dtype=dtype), p.device_mesh, p.placements)
@@ -313,45 +388,67 @@ class TiedAdamW(Optimizer):
                                f"Use backend='auto' or 'torch' for these parameters.")
         return self.backend
 
-    @staticmethod
-    def _check_grad(gi: int, p: Tensor, g: Tensor) -> None:
-        """Raise the error that explains why ``g`` cannot be used as the grad of ``p``."""
-        name = f"a parameter of param_groups[{gi}] (shape {tuple(p.shape)})"
-        if g.is_sparse:
-            raise RuntimeError(f"TiedAdamW does not support sparse gradients: {name} has a "
-                               f"sparse grad; use dense gradients (e.g. "
-                               f"nn.Embedding(sparse=False)) or torch.optim.SparseAdam")
-        if g.shape != p.shape or g.dtype != p.dtype:
-            raise RuntimeError(f"grad of {name} has shape {tuple(g.shape)} and dtype {g.dtype}; "
-                               f"it must match the param ({tuple(p.shape)}, {p.dtype})")
-        if g.device != p.device:
-            raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
+    def _entries(self) -> list:
+        """Every parameter with a grad, verified (Note [what the kernel may trust] in plan.py).
+        Raises before anything changes; creates the state of parameters that have none."""
+        groups = self.param_groups
+        pending = []
+        for gi, group in enumerate(groups):
+            where = f"param_groups[{gi}]: "
+            self._sync_beta(group, where)
+            H.check_group(group, where)
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    P.check_grad(gi, i, p, g)
+                pending.append((gi, i, p, g))
+        entries = [None] * len(pending)
+        fresh = []
+        state = self.state
+        for j, (gi, i, p, g) in enumerate(pending):
+            st = state.get(p)
+            if not st:
+                fresh.append(j)
+                continue
+            P.init_master(p, st, groups[gi])  # a loaded checkpoint without master weights
+            entries[j] = P.entry(gi, i, p, g, st, groups[gi])
+        for j in fresh:  # only once every existing state checked out
+            gi, i, p, g = pending[j]
+            P.init(p, state[p], groups[gi])
+            entries[j] = P.entry(gi, i, p, g, state[p], groups[gi])
+        return entries
 
-    def _plan(self, with_grad: list[tuple[int, Tensor]]):
-        """Create missing state and group tensors into launch buckets."""
-        for _, p in with_grad:
-            if len(self.state[p]) == 0:
-                self._init_state(p)
-        buckets: dict[tuple, Any] = {}
-        for gi, p in with_grad:
-            local = local_tensor(p)
-            st = self.state[p]
-            m = local_tensor(st["exp_avg"])
-            master = st.get(MASTER_KEY)
-            key = (local.device, local.dtype, m.dtype, master is not None,
-                   self._backend_for(local.device))
+    def _plan(self, entries: list) -> list:
+        """Group verified entries into launch buckets (cached under their plan key)."""
+        buckets: dict[tuple, Bucket] = {}
+        groups = self.param_groups
+        for j, e in enumerate(entries):
+            group = groups[e.group]
+            local = e.param
+            state_sr = bool(group["stochastic_rounding"]) and e.exp_avg.dtype == torch.bfloat16
+            param_sr = (bool(group["param_stochastic_rounding"]) and e.master is None
+                        and local.dtype == torch.bfloat16)
+            backend = self._backend_for(local.device)
+            key = (local.device, local.dtype, e.exp_avg.dtype, e.master is not None, backend,
+                   state_sr, param_sr, group["seed"] if state_sr or param_sr else 0)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(local.device, local.dtype, m.dtype, master is not None)
-            b.dtensor = b.dtensor or local is not p
+                b = buckets[key] = Bucket(local.device, local.dtype, e.exp_avg.dtype,
+                                          e.master is not None, state_sr, param_sr,
+                                          key[-1])
+            b.index.append(j)
+            b.has_copies = b.has_copies or e.writeback is not None
             b.params.append(local)
-            b.masters.append(local_tensor(master) if master is not None else None)
-            b.sources.append(p)
-            b.exp_avgs.append(m)
-            b.exp_avg_sqs.append(local_tensor(st["exp_avg_sq"]))
-            b.steps.append(st["step"])
-            b.groups.append(gi)
-            b.names.append(self._param_name(gi, p))
+            b.masters.append(e.master)
+            b.sources.append(e.source)
+            b.exp_avgs.append(e.exp_avg)
+            b.exp_avg_sqs.append(e.exp_avg_sq)
+            b.steps.append(e.step)
+            b.groups.append(e.group)
+            b.positions.append(e.position)
+            b.names.append(self._param_name(e.group, e.source))
         if self.telemetry_enabled:
             for b in buckets.values():
                 b.telemetry = torch.zeros(len(b.params), 5, device=b.device)
@@ -359,49 +456,44 @@ class TiedAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        Everything is checked before anything changes (plan.py): a refused step leaves
+        params, grads and state as they were."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self.param_groups
-        with_grad = []
-        for gi, group in enumerate(groups):
-            where = f"param_groups[{gi}]: "
-            self._sync_beta(group, where)
-            H.check_lr(group["lr"], where)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                # Checked every step, before anything changes: grads are fresh tensors.
-                if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    self._check_grad(gi, p, g)
-                with_grad.append((gi, p))
-        if not with_grad:
+        entries = self._entries()
+        if not entries:
             return loss
-        key = (tuple(id(p) for _, p in with_grad), self._state_version)
+        key = (tuple(P.plan_key(e) for e in entries), self._state_version)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(with_grad)
+            plan = self._plans[key] = self._plan(entries)
             if len(self._plans) > 64:  # as many as the table cache: ZeRO-3 sub-groups
                 self._plans.popitem(last=False)
+        groups = self.param_groups
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for i, (backend, b) in enumerate(plan):
+            b.bind(entries)
             if backend == "triton":
                 from .triton_backend import triton_step
-                b.refresh_locals(local_tensor)
                 triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
-                            seed=self.seed, state_sr=self.stochastic_rounding,
-                            param_sr=self.param_stochastic_rounding,
                             grad_scale=grad_scale, found_inf=found_inf,
                             snr_threshold=self.snr_threshold)
             else:
-                self._torch_step(b, groups, grad_scale, found_inf)
+                torch_step(b, groups, grad_scale=grad_scale,
+                           found_inf=found_inf, snr_threshold=self.snr_threshold)
             if found_inf is not None:  # AMP: a skipped step does not count, on either backend
                 inf = found_inf.to(b.device, torch.float32, non_blocking=True)
                 torch._foreach_sub_(b.steps, [inf] * len(b.steps))
+        for e in entries:
+            if e.writeback is not None:  # a non-dense param stepped through a working copy
+                e.writeback.copy_(e.param)
+            if e.grad_out is not None and grad_scale is not None:
+                e.grad_out.copy_(e.grad)  # the unscaled grad (Note [amp] in the kernel)
         self._beta_seen = {id(g): g["beta"] for g in groups}
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan
@@ -448,41 +540,3 @@ class TiedAdamW(Optimizer):
                        upload(torch.tensor(numels, dtype=torch.float32), device),
                        reduce=reduce, replicas=upload(torch.tensor(reps, dtype=torch.float32),
                                                       device))
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The torch backend's rounding RNG: sequential, seeded once from ``seed`` per device
-        (the Triton path's Philox stream is a pure function of seed, step and element)."""
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-        return gen
-
-    def _torch_step(self, b, groups, grad_scale, found_inf) -> None:
-        b.refresh_locals(local_tensor)
-        grads = [local_tensor(s.grad) for s in b.sources]
-        torch._foreach_add_(b.steps, 1.0)
-        sr = ((self.stochastic_rounding and b.state_dtype == torch.bfloat16)
-              or (self.param_stochastic_rounding and b.param_dtype == torch.bfloat16
-                  and not b.has_master))
-        gen = self._generator(b.device) if sr else None
-        for gi in sorted(set(b.groups)):
-            idx = [i for i, g in enumerate(b.groups) if g == gi]
-            group = groups[gi]
-            torch_tied_adamw([b.params[i] for i in idx], [grads[i] for i in idx],
-                             [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
-                             [b.masters[i] for i in idx], [b.steps[i] for i in idx],
-                             lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                             weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                             found_inf=found_inf, generator=gen,
-                             state_sr=self.stochastic_rounding,
-                             param_sr=self.param_stochastic_rounding)
-            if b.telemetry is not None:
-                from .telemetry import torch_rows
-                rows = torch.zeros(len(idx), 5, device=b.device)
-                torch_rows(rows, [grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
-                           [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
-                           beta=group["beta"], eps=group["eps"],
-                           snr_threshold=self.snr_threshold, grad_scale=grad_scale)
-                b.telemetry[idx] = rows
-

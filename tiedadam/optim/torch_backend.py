@@ -1,7 +1,7 @@
 """TiedAdamW through torch's own fused AdamW (``torch._fused_adamw_`` with betas (beta, beta)).
 
-The right backend for CPU tensors outside the tests (DESIGN.md §4: as fast as DeepSpeedCPUAdam
-on this machine, 6x the foreach path): the same semantics, no Triton. Also serves any device
+The right backend for CPU tensors outside the tests (as fast as DeepSpeedCPUAdam on a 2-core
+CPU, 6x the foreach path: README, DeepSpeed section): the same semantics, no Triton. Also serves any device
 when ``backend="torch"``. Torch's fused op wants states in the param dtype; for the other modes
 (fp32 state with bf16 params, master weights, bf16 state) the math runs on fp32 working copies
 that are written back, rounded to nearest or stochastically.
@@ -13,6 +13,24 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+
+def _mix(*xs: int) -> int:
+    """splitmix64 over the inputs: a well-spread 63-bit generator seed."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# Note [torch rng]
+# The rounding noise of a tensor at step t comes from a generator seeded with
+# mix(seed, t, group, position in the group): a pure function of what a checkpoint holds, so a
+# resumed run rounds exactly as the uninterrupted one would (as the kernel's Philox counter
+# does), and no generator state needs saving. Reading t costs a host read of the step count:
+# free for CPU tensors, a sync for CUDA tensors stepped with backend="torch".
 
 
 def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
@@ -29,9 +47,12 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      masters: Sequence[Tensor | None], state_steps: Sequence[Tensor], *,
                      lr: float | Tensor, beta: float, eps: float, weight_decay: float,
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                     generator: torch.Generator | None = None, state_sr: bool = False,
-                     param_sr: bool = False) -> None:
-    """One step for one param group. ``state_steps`` must already hold t."""
+                     generators: Sequence[torch.Generator] | None = None,
+                     state_sr: bool = False, param_sr: bool = False) -> None:
+    """One step for one param group. ``state_steps`` must already hold t. ``generators``
+    (one per tensor, Note [torch rng]) are needed when rounding stochastically. With
+    ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
+    torch's fused AdamW leaves them."""
     if not params:
         return
     kw = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=weight_decay, eps=eps,
@@ -50,17 +71,66 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     work = [masters[i] if masters[i] is not None else params[i].float() for i in other]
     m32 = [exp_avgs[i].float() for i in other]
     v32 = [exp_avg_sqs[i].float() for i in other]
-    torch._fused_adamw_(work, [grads[i].float() for i in other], m32, v32, [],
-                        [state_steps[i] for i in other], **kw)
+    g32 = [grads[i].float() for i in other]
+    torch._fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
     for j, i in enumerate(other):
+        if grad_scale is not None and g32[j] is not grads[i]:
+            grads[i].copy_(g32[j])  # unscaled, as the fused op leaves fp32 grads
         if params[i].dtype == torch.bfloat16 and param_sr and masters[i] is None:
-            stochastic_round_to_bf16_(params[i], work[j], generator)
-        else:
+            stochastic_round_to_bf16_(params[i], work[j], generators[i])
+        elif work[j] is not params[i]:
             params[i].copy_(work[j])  # round to nearest even
         if exp_avgs[i].dtype != torch.float32:
             if state_sr and exp_avgs[i].dtype == torch.bfloat16:
-                stochastic_round_to_bf16_(exp_avgs[i], m32[j], generator)
-                stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], generator)
+                stochastic_round_to_bf16_(exp_avgs[i], m32[j], generators[i])
+                stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], generators[i])
             else:
                 exp_avgs[i].copy_(m32[j])
                 exp_avg_sqs[i].copy_(v32[j])
+
+
+def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
+               found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> None:
+    """TiedAdamW for bucket ``b`` (verified this step, plan.py) with torch ops: one fused call
+    per param group, as ``triton_step`` is one launch per bucket."""
+    torch._foreach_add_(b.steps, 1.0)
+    scale, inf = per_device(grad_scale, found_inf, b.device)
+    for gi in sorted(set(b.groups)):
+        idx = [i for i, g in enumerate(b.groups) if g == gi]
+        group = groups[gi]
+        gens = None
+        if b.state_sr or b.param_sr:
+            gens = []
+            for i in idx:  # one generator reseeded per tensor: consume each before the next
+                gens.append(torch.Generator(device=b.device))
+                gens[-1].manual_seed(_mix(b.seed, int(b.steps[i].item()), gi, b.positions[i]))
+        torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
+                         [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
+                         [b.masters[i] for i in idx], [b.steps[i] for i in idx],
+                         lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], grad_scale=scale, found_inf=inf,
+                         generators=gens, state_sr=b.state_sr, param_sr=b.param_sr)
+        if b.telemetry is not None:
+            from .telemetry import torch_rows
+            rows = torch.zeros(len(idx), 5, device=b.device)
+            # The grads are unscaled now, except on a skipped (found_inf) step.
+            still = None if scale is None else torch.where(inf != 0, scale, torch.ones_like(scale))
+            torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
+                       [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
+                       beta=group["beta"], eps=group["eps"], snr_threshold=snr_threshold,
+                       grad_scale=still)
+            if inf is not None:  # nothing was updated: only the grad fields are meaningful
+                rows[:, 1:3] *= (inf == 0)
+                rows[:, 4] *= (inf == 0)
+            b.telemetry[idx] = rows
+
+
+def per_device(grad_scale, found_inf, device):
+    """AMP's scale and found-inf flag as fp32 scalars on ``device`` (no host sync)."""
+    if grad_scale is None and found_inf is None:
+        return None, None
+    scale = (grad_scale.to(device, torch.float32, non_blocking=True) if grad_scale is not None
+             else torch.ones((), device=device))
+    inf = (found_inf.to(device, torch.float32, non_blocking=True) if found_inf is not None
+           else torch.zeros((), device=device))
+    return scale, inf

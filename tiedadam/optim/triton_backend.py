@@ -16,7 +16,7 @@ from torch import Tensor
 from ..kernels import tied_adamw as K
 from ..kernels.multi_tensor import TableCache, upload
 from .bucket import Bucket
-from .shards import local_tensor
+from .torch_backend import per_device
 
 
 _HYPER_KEYS = ("lr", "beta", "eps", "weight_decay")
@@ -56,39 +56,28 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
 
 
 def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCache,
-                persistent_hyper: dict, *, seed: int, state_sr: bool, param_sr: bool,
-                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                snr_threshold: float = 0.5) -> None:
-    grads = [s.grad for s in b.sources]
-    if b.dtensor:
-        grads = [local_tensor(g) for g in grads]
+                persistent_hyper: dict, *, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> None:
+    """One launch for bucket ``b``, whose tensors were verified this step (plan.py)."""
     torch._foreach_add_(b.steps, 1.0)
     hyper = hyper_table(groups, b.device, persistent_hyper)
     masters = b.masters if b.has_master else b.params
-    scale, inf = _per_device(grad_scale, found_inf, b.device)
+    scale, inf = per_device(grad_scale, found_inf, b.device)
     if b.telemetry is not None:
         b.telemetry.zero_()
     kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, has_master=b.has_master,
-              grad_scale=scale, found_inf=inf, seed=seed, state_sr=state_sr, param_sr=param_sr,
-              telemetry=b.telemetry, snr_threshold=snr_threshold)
+              grad_scale=scale, found_inf=inf, seed=b.seed, state_sr=b.state_sr,
+              param_sr=b.param_sr, telemetry=b.telemetry, snr_threshold=snr_threshold)
     if len(b.params) == 1:
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
         # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.
-        K.launch_tied_adamw(None, hyper, flat=(b.params[0], grads[0], b.exp_avgs[0],
+        K.launch_tied_adamw(None, hyper, flat=(b.params[0], b.grads[0], b.exp_avgs[0],
                                                b.exp_avg_sqs[0], masters[0], b.steps[0]),
                             flat_group=b.groups[0], **kw)
     else:
-        roles = (b.params, grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
+        roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
+        # Every role's addresses are compared each step (Note [what the kernel may trust]):
+        # only grads may move without a rebuild.
         table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,
-                          watched=(K.ROLE_PARAM, K.ROLE_GRAD), volatile=(K.ROLE_GRAD,))
+                          watched=range(K.N_ROLES), volatile=(K.ROLE_GRAD,))
         K.launch_tied_adamw(table, hyper, **kw)
-
-
-def _per_device(grad_scale, found_inf, device):
-    if grad_scale is None and found_inf is None:
-        return None, None
-    scale = (grad_scale.to(device, torch.float32, non_blocking=True) if grad_scale is not None
-             else torch.ones((), device=device))
-    inf = (found_inf.to(device, torch.float32, non_blocking=True) if found_inf is not None
-           else torch.zeros((), device=device))
-    return scale, inf

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
+ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def expected_128(v):
     w_vec = per_thread * 4 // 16
     loads = p_vec + 2 * s_vec + (w_vec if v["master"] else p_vec)  # grad, m, v, master|param
     stores = 2 * s_vec + p_vec + (w_vec if v["master"] else 0)
+    stores += p_vec if v["scale"] else 0  # AMP: the unscaled grad is written back
     return loads, stores
 
 

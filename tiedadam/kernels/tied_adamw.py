@@ -4,7 +4,8 @@ Math (per element; fp32 registers whatever the storage dtypes; t = step after in
 
     c  = 1 - beta**t                              (one factor: beta1 = beta2 = beta)
     p  = p * (1 - lr * weight_decay)              (decoupled weight decay)
-    m  = m + (1 - beta) * (g - m)                 (== beta*m + (1-beta)*g, torch's lerp_)
+    m  = lerp(m, g, 1 - beta)                     (== beta*m + (1-beta)*g, as torch's lerp_:
+                                                   m + w*(g - m) for w < 0.5, else g - (g - m)*(1 - w))
     v  = beta * v + (1 - beta) * g * g
     p  = p - (lr / c) * m / (sqrt(v) / sqrt(c) + eps)
 
@@ -124,7 +125,12 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
     v = tl.load(v_ptrs, mask=mask).to(COMPUTE)
 
     p = p * decay
-    m = m + one_minus_beta * (g - m)
+    # torch's lerp_(g, w) with w = 1 - beta, both of its branches: exact at w = 1 (beta = 0)
+    d = g - m
+    if one_minus_beta < 0.5:
+        m = m + one_minus_beta * d
+    else:
+        m = g - d * beta
     v = v * beta + one_minus_beta * g * g
     sqrt_v = _sqrt(v, COMPUTE)
     denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps

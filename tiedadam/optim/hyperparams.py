@@ -120,11 +120,15 @@ def check_state_dtype(state_dtype: Any, where: str = "") -> torch.dtype:
                      f"(default) or torch.bfloat16 (or the strings 'float32', 'bfloat16')")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 # Per-group options besides the hyperparameters, with their defaults (kept in defaults and in
 # every group, as torch keeps foreach/fused/capturable, so deepcopy, pickling and state_dict()
 # carry them).
 OPTION_DEFAULTS = dict(capturable=False, maximize=False, master_weights=False,
-                       state_dtype=torch.float32, stochastic_rounding=True,
+                       state_dtype="float32", stochastic_rounding=True,
                        param_stochastic_rounding=False, seed=0)
 
 
@@ -156,13 +160,40 @@ def check_group(group: dict, where: str = "") -> None:
     if group["maximize"]:
         raise ValueError(f"{where}maximize=True is not supported: TiedAdamW minimises; "
                          f"minimise the negated objective instead")
-    group["state_dtype"] = check_state_dtype(group["state_dtype"], where)
-    check_beta_for_state(beta, group["state_dtype"], where)
+    # Stored by name: state dicts hold only strings, numbers and tensors (DCP's state-dict
+    # utilities refuse a torch.dtype value in a param group).
+    state_dtype = check_state_dtype(group["state_dtype"], where)
+    group["state_dtype"] = dtype_name(state_dtype)
+    check_beta_for_state(beta, state_dtype, where)
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{where}seed must be an int, got {type(seed).__name__}: {seed!r}")
     group["seed"] = int(seed) % (2 ** 63)
     group["beta"], group["betas"] = beta, (beta, beta)
+
+
+class TiedGroup(dict):
+    """A param group in which ``beta`` and ``betas`` stay one setting: writing either one
+    (``group["betas"] = (0.9, 0.9)`` from a scheduler written for AdamW, or
+    ``group["beta"] = 0.9``) sets both, so the last write wins. Untied pairs are stored as they
+    come and refused at the next step (``check_group``). ``dict.update``/``setdefault`` bypass
+    this; ``TiedAdamW._sync_beta`` resolves those at the next step."""
+
+    def __setitem__(self, key, value):
+        if key == "beta" and not isinstance(value, Tensor) or key == "betas":
+            pair = value if key == "betas" else (value, value)
+            try:
+                b1, b2 = pair
+            except (TypeError, ValueError):
+                b1, b2 = None, 0  # not a pair: stored, refused at the next step
+            if b1 == b2:
+                super().__setitem__("beta", b1)
+                super().__setitem__("betas", (b1, b2))
+                return
+        super().__setitem__(key, value)
+
+    def __reduce__(self):  # pickles (and deep-copies) as itself, without re-running __setitem__
+        return (TiedGroup, (dict(self),))
 
 
 def check_deepspeed_compat(adam_w_mode: Any, torch_adam: Any) -> None:

@@ -40,6 +40,7 @@ from torch import Tensor
 from .shards import local_tensor
 
 MASTER_KEY = "master_param"
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # group["state_dtype"]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -60,7 +61,9 @@ class Entry(NamedTuple):
 
 def state_dtype_for(param_dtype: torch.dtype, group: dict) -> torch.dtype:
     """fp64 params keep fp64 state (as torch does); others the group's ``state_dtype``."""
-    return torch.float64 if param_dtype == torch.float64 else group["state_dtype"]
+    if param_dtype == torch.float64:
+        return torch.float64
+    return _STATE_DTYPES[group["state_dtype"]]
 
 
 def wants_master(param_dtype: torch.dtype, group: dict) -> bool:

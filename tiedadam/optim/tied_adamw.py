@@ -127,15 +127,25 @@ class TiedAdamW(Optimizer):
     # as torch keeps foreach/fused/capturable, so state_dict() round trips carry them too.
     _INSTANCE_OPTIONS = ("backend", "telemetry_enabled", "snr_threshold", "_names")
 
+    def _sync_betas(self) -> None:
+        """Resolve a beta/betas edit made since the last step, so what is saved is consistent."""
+        for gi, group in enumerate(self.param_groups):
+            self._sync_beta(group, f"param_groups[{gi}]: ")
+
+    def state_dict(self) -> dict:
+        self._sync_betas()
+        return super().state_dict()
+
     def __getstate__(self) -> dict:
+        self._sync_betas()
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._INSTANCE_OPTIONS if k in self.__dict__})
         return state
 
     @property
     def state_dtype(self) -> torch.dtype:
-        """The default group's state dtype (groups may override it)."""
-        return self.defaults["state_dtype"]
+        """The default group's state dtype (groups may override it; stored by name)."""
+        return H.check_state_dtype(self.defaults["state_dtype"])
 
     @property
     def seed(self) -> int:
@@ -209,7 +219,7 @@ class TiedAdamW(Optimizer):
                                      f"become an error)")
                 seen.add(id(p))
         group["params"] = params
-        super().add_param_group(group)
+        super().add_param_group(H.TiedGroup(group))
         self._beta_seen[id(self.param_groups[-1])] = self.param_groups[-1]["beta"]
         self._invalidate()
 
@@ -217,6 +227,8 @@ class TiedAdamW(Optimizer):
         # Also called by Optimizer.load_state_dict with the loaded groups, and by deepcopy and
         # unpickling with what __getstate__ gave.
         super().__setstate__(state)
+        self.param_groups[:] = [g if isinstance(g, H.TiedGroup) else H.TiedGroup(g)
+                                for g in self.param_groups]
         d = self.__dict__
         d.setdefault("backend", "auto")
         d.setdefault("telemetry_enabled", False)
@@ -493,7 +505,12 @@ class TiedAdamW(Optimizer):
             if e.writeback is not None:  # a non-dense param stepped through a working copy
                 e.writeback.copy_(e.param)
             if e.grad_out is not None and grad_scale is not None:
-                e.grad_out.copy_(e.grad)  # the unscaled grad (Note [amp] in the kernel)
+                # the unscaled grad (Note [amp] in the kernel), where the user's grad can hold
+                # it; an expanded (stride-0) grad is replaced by the unscaled copy
+                if P.is_dense(e.grad_out):
+                    e.grad_out.copy_(e.grad)
+                elif e.source.grad is e.grad_out:
+                    e.source.grad = e.grad
         self._beta_seen = {id(g): g["beta"] for g in groups}
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan

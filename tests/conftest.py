@@ -1,4 +1,4 @@
-"""Test setup. TRITON_INTERPRET must be set before any @triton.jit decorator runs (DESIGN.md §4),
+"""Test setup. TRITON_INTERPRET must be set before any @triton.jit decorator runs (docs/design.md §6),
 so it is set here, before tiedadam is imported by any test module. Tests that need the real
 compiler (the sm_90 report) run it in a child process without the variable."""
 

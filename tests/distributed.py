@@ -1,4 +1,4 @@
-"""Run a function on N real processes with a gloo process group on CPU (DESIGN.md §7).
+"""Run a function on N real processes with a gloo process group on CPU (docs/design.md §9).
 
 * one spawned process per rank; rendezvous through a file (no ports); 60 s collective timeout;
   RANK / LOCAL_RANK / WORLD_SIZE set in each child (DeepSpeed asserts LOCAL_RANK);

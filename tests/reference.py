@@ -1,4 +1,4 @@
-"""Independent float64 reference of tied-beta AdamW (DESIGN.md §1), written from the formula,
+"""Independent float64 reference of tied-beta AdamW (docs/design.md §1), written from the formula,
 not from the kernel."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 # Tolerances for comparing a stored result with the reference, keyed by storage dtype.
 # fp32: float32 op-by-op rounding against float64 math.
 # bf16/fp16: one unit in the last place (rtol = machine eps covers 1 ulp at any magnitude);
-# the Triton interpreter truncates fp32->bf16 instead of rounding to nearest (DESIGN.md §4),
+# the Triton interpreter truncates fp32->bf16 instead of rounding to nearest (docs/design.md §6),
 # which is at most 1 ulp away, so these are also the interpreter's tolerances.
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=2e-6),

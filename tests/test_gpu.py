@@ -154,3 +154,50 @@ def test_offsets_beyond_2_31_on_real_memory():
     assert_close(st["master_param"][tail], rp)
     assert_close(st["exp_avg"][tail], rm)
     assert_close(st["exp_avg_sq"][tail], rv)
+
+
+@pytest.mark.parametrize("layout", ["fp64", "channels_last", "strided view", "expanded grad"])
+def test_reliability_paths_match_torch_on_gpu(layout):
+    """The paths the reliability rule added (docs/design.md §3), compiled: fp64 math, params
+    walked in their own storage order or through a working copy, grads copied into layout."""
+    dtype = torch.float64 if layout == "fp64" else torch.float32
+    if layout == "channels_last":
+        base = torch.randn(4, 8, 16, 16, device=DEV).contiguous(memory_format=torch.channels_last)
+    elif layout == "strided view":
+        base = torch.randn(64, 300, device=DEV)[:, ::3]
+    else:
+        base = torch.randn(K.CHUNK + 77, device=DEV, dtype=dtype)
+    ours = [torch.nn.Parameter(base), torch.nn.Parameter(torch.randn(1000, device=DEV, dtype=dtype))]
+    theirs = [torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), device=DEV,
+                                                     dtype=p.dtype).copy_(p.detach()))
+              for p in ours]
+    opt = TiedAdamW(ours, lr=1e-2, beta=0.9, weight_decay=0.1, backend="triton")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, device=DEV, dtype=dtype)
+            if layout == "expanded grad":
+                g = torch.randn((), device=DEV, dtype=dtype).expand(a.shape)
+            a.grad, b.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else {}
+    for a, b in zip(ours, theirs):
+        assert a.stride() == b.stride()
+        if tol:
+            torch.testing.assert_close(a, b, **tol)
+        else:
+            assert_close(a, b)
+
+
+def test_amp_leaves_grads_unscaled_on_gpu():
+    ps = params(torch.float16, sizes=(5000, K.CHUNK + 9))
+    opt = TiedAdamW(ps, lr=1e-3, beta=0.9, backend="triton")
+    grads = [torch.randn_like(p) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g * 1024
+    opt.grad_scale = torch.tensor(1024.0, device=DEV)
+    opt.found_inf = torch.tensor(0.0, device=DEV)
+    opt.step()
+    for p, g in zip(ps, grads):
+        assert torch.equal(p.grad, g)

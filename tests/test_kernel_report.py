@@ -2,7 +2,7 @@
 every tensor it touches is moved with 128-bit accesses, and nothing spills.
 
 The compile runs in a child process: under TRITON_INTERPRET=1 (set for the other tests)
-@triton.jit returns an interpreted function that cannot be compiled (DESIGN.md §4)."""
+@triton.jit returns an interpreted function that cannot be compiled (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ ZeRO then refuses optimizers whose exact type is not in
 module is imported (right away if it already is), so ``import tiedadam`` never imports DeepSpeed
 itself (seconds, and accelerator probing) for users who do not use it.
 
-What TiedAdamW does that ZeRO needs (DESIGN.md §5): it reads params from ``param_groups`` on
+What TiedAdamW does that ZeRO needs (docs/design.md §7): it reads params from ``param_groups`` on
 every ``step()`` (ZeRO-1/2 swap in one flat fp32 partition per group per call; ZeRO-3 fills
 groups with sub-group partitions), keys its caches by the tensors themselves, not by group
 index, keeps ``step`` per parameter, and steps CPU partitions (ZeRO-Offload) with torch's fused

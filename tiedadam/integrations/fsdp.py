@@ -12,7 +12,7 @@ without grads are skipped; ``step()`` accepts the zero-grad, ``lr=0`` step that
 Note [fsdp checkpoints]
 -----------------------
 Use ``torch.distributed.checkpoint`` with ``get_state_dict`` / ``set_state_dict`` (what ``save``
-and ``load`` below do). Two torch pitfalls, checked on torch 2.13 (DESIGN.md §6):
+and ``load`` below do). Two torch pitfalls, checked on torch 2.13 (docs/design.md §8):
 
 * ``FSDP.optim_state_dict`` + ``FSDP.optim_state_dict_to_load`` with ``use_orig_params=True``
   swaps exp_avg and exp_avg_sq (also with torch's AdamW): not used here.

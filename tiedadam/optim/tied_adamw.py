@@ -51,7 +51,8 @@ class TiedAdamW(Optimizer):
         master_weights: for bf16/fp16 params, keep an fp32 copy (state ``master_param``) that
             the kernel updates, writing the rounded (nearest-even) param in the same pass.
         state_dtype: ``torch.float32`` (default, also for bf16 params) or ``torch.bfloat16``
-            for exp_avg/exp_avg_sq; bf16 needs beta <= 1 - 2**-8 (Note [bf16 state bound]).
+            (or their names, ``"bfloat16"``) for exp_avg/exp_avg_sq; bf16 needs
+            beta <= 1 - 2**-8 (Note [bf16 state bound]). fp64 params keep fp64 state.
         stochastic_rounding: round bf16 states stochastically (unbiased). Default True; False
             rounds to nearest (for ablations).
         param_stochastic_rounding: round bf16 params written without master weights
@@ -60,16 +61,24 @@ class TiedAdamW(Optimizer):
             ``torch.manual_seed`` makes runs reproducible (no global RNG state is consumed).
         capturable: keep everything the step reads on the device (lr as a device tensor may
             change between CUDA-graph replays). Group key, as in torch.
+        maximize: must be False (accepted for AdamW-style configs; TiedAdamW minimises).
         telemetry: compute per-parameter update statistics in the same kernel pass, read with
             ``telemetry()`` (no host sync until asked). Off by default (compiled out).
         snr_threshold: |m_hat|/sqrt(v_hat) above which an element counts as high
             signal-to-noise in the telemetry, in [0, 1). Default 0.5.
         names: parameter names for the telemetry, in parameter order (or pass
             ``model.named_parameters()`` as params, or use ``from_named_parameters``).
+        adam_w_mode, torch_adam: keys of DeepSpeed configs written for AdamW; ``adam_w_mode``
+            must be True (decoupled weight decay), ``torch_adam`` is ignored.
+
+    Every option except the telemetry ones and ``backend`` is also a param-group key (as torch
+    keeps ``foreach``/``fused``), so state dicts, deepcopy and pickling carry them. Each step
+    verifies every parameter's grad and state before anything changes (Note [what the kernel may
+    trust] in plan.py): inputs either work as in torch.optim.AdamW or raise.
 
     State per parameter (torch's names): ``step`` (fp32 scalar on the parameter's device),
-    ``exp_avg``, ``exp_avg_sq`` (fp32 by default, also for bf16/fp16 parameters; math is always
-    fp32), and ``master_param`` with master weights.
+    ``exp_avg``, ``exp_avg_sq`` (fp32 by default, also for bf16/fp16 parameters; math is fp32,
+    fp64 for fp64 parameters), and ``master_param`` with master weights.
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, beta: Any = _UNSET,

@@ -41,3 +41,9 @@ class Bucket:
         self.grads = [entries[i].grad for i in self.index]
         if self.has_copies:
             self.params = [entries[i].param for i in self.index]
+
+    def release(self) -> None:
+        """Drop this step's grads (and working copies) once launched."""
+        self.grads = []
+        if self.has_copies:
+            self.params = []

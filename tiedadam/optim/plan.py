@@ -174,11 +174,7 @@ def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry
                            f"but this parameter gets no master weights (its dtype is "
                            f"{local.dtype}, master_weights={group['master_weights']}); delete "
                            f"it with `del optimizer.state[p][{MASTER_KEY!r}]`")
-    grad_out = None
-    if local.numel() > 1 and g.stride() != strides:
-        grad_out = g
-        g = torch.empty_strided(local.shape, strides, dtype=g.dtype, device=g.device)
-        g.copy_(grad_out)
+    g, grad_out = layout_grad(g, local, strides)
     if in_place:
         return Entry(gi, i, p, local, g, m, v, master, step, None, grad_out)
     work = torch.empty_strided(local.shape, strides, dtype=local.dtype, device=local.device)
@@ -206,8 +202,26 @@ def init_master(p: Tensor, st: dict, group: dict) -> None:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
 
-def plan_key(e: Entry) -> tuple:
-    """What a cached plan depends on for this entry (Note [what the kernel may trust], 4)."""
-    return (e.group, e.position, id(e.source), id(e.param) if e.writeback is None else -1,
-            e.param.dtype, e.param.shape, id(e.exp_avg), id(e.exp_avg_sq), id(e.master),
-            id(e.step), e.exp_avg.dtype)
+def signature(st: dict, local: Tensor, sharded: bool) -> tuple:
+    """Everything a cached plan trusts about one parameter (Note [what the kernel may trust],
+    4): the identity of its state dict and of each state tensor, and the size, strides, dtype
+    and device of the param and of every state role. A plan is reused only while every
+    parameter's signature is unchanged; ids are safe to compare because the plan holds the
+    tensors (an id cannot be reused while its object lives). One flat function: this runs for
+    every parameter at every step."""
+    m, v, w, t = st.get("exp_avg"), st.get("exp_avg_sq"), st.get(MASTER_KEY), st.get("step")
+    if sharded:
+        m, v = local_tensor(m), local_tensor(v)
+        w = None if w is None else local_tensor(w)
+    return (id(st), id(m), id(v), id(w), id(t), local.shape, local.stride(), local.dtype,
+            local.device, m.shape, m.stride(), m.dtype, v.shape, v.stride(), v.dtype,
+            None if w is None else (w.shape, w.stride(), w.dtype), t.shape, t.dtype, t.device)
+
+
+def layout_grad(g: Tensor, local: Tensor, strides: tuple) -> tuple[Tensor, Tensor | None]:
+    """(the grad in the param's walk layout, the user's grad if that needed a copy)."""
+    if local.numel() > 1 and g.stride() != strides:
+        out = torch.empty_strided(local.shape, strides, dtype=g.dtype, device=g.device)
+        out.copy_(g)
+        return out, g
+    return g, None

@@ -18,6 +18,23 @@ from .plan import MASTER_KEY
 from .shards import local_tensor
 from .torch_backend import torch_step
 
+class _Plan:
+    """The buckets of one step layout, and what was verified when they were made."""
+    _serial = 0
+
+    def __init__(self, buckets: list, entries: list, state):
+        self.buckets = buckets
+        # what later steps reuse; no grads or working copies (they must not outlive the step)
+        self.entries = [e._replace(grad=None, grad_out=None,
+                                   param=None if e.writeback is not None else e.param)
+                        for e in entries]
+        self.sharded = any(e.param is not e.source and e.writeback is None for e in entries)
+        self.signatures = [P.signature(state[e.source], local_tensor(e.source), self.sharded)
+                           for e in entries]
+        _Plan._serial += 1
+        self.serial = _Plan._serial  # table-cache key: a rebuilt plan never meets old tables
+
+
 # State keys this optimizer owns; named as torch.optim.AdamW names them so checkpoints move
 # between the two in both directions.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -409,12 +426,11 @@ class TiedAdamW(Optimizer):
                                f"Use backend='auto' or 'torch' for these parameters.")
         return self.backend
 
-    def _entries(self) -> list:
-        """Every parameter with a grad, verified (Note [what the kernel may trust] in plan.py).
-        Raises before anything changes; creates the state of parameters that have none."""
-        groups = self.param_groups
+    def _pending(self) -> list:
+        """(group, position, param, grad) of every parameter with a grad, after checking every
+        group's hyperparameters and options and each grad's kind, shape, dtype and device."""
         pending = []
-        for gi, group in enumerate(groups):
+        for gi, group in enumerate(self.param_groups):
             where = f"param_groups[{gi}]: "
             self._sync_beta(group, where)
             H.check_group(group, where)
@@ -425,6 +441,13 @@ class TiedAdamW(Optimizer):
                 if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     P.check_grad(gi, i, p, g)
                 pending.append((gi, i, p, g))
+        return pending
+
+    def _entries(self, pending: list) -> list:
+        """Every pending parameter verified in full (Note [what the kernel may trust] in
+        plan.py). Raises before anything changes; creates the state of parameters that have
+        none, only once every existing state checked out."""
+        groups = self.param_groups
         entries = [None] * len(pending)
         fresh = []
         state = self.state
@@ -435,10 +458,35 @@ class TiedAdamW(Optimizer):
                 continue
             P.init_master(p, st, groups[gi])  # a loaded checkpoint without master weights
             entries[j] = P.entry(gi, i, p, g, st, groups[gi])
-        for j in fresh:  # only once every existing state checked out
+        for j in fresh:
             gi, i, p, g = pending[j]
             P.init(p, state[p], groups[gi])
             entries[j] = P.entry(gi, i, p, g, state[p], groups[gi])
+        return entries
+
+    def _reuse(self, plan: "_Plan", pending: list) -> list | None:
+        """This step's entries from a cached plan, if every parameter's signature still matches
+        the one verified when the plan was built; None sends the step down the full check."""
+        state = self.state
+        sharded = plan.sharded
+        entries = []
+        for (gi, i, p, g), e, sig in zip(pending, plan.entries, plan.signatures):
+            st = state.get(p)
+            if st is None:
+                return None
+            local = local_tensor(p) if sharded else p
+            if P.signature(st, local, sharded) != sig:
+                return None
+            if sharded:
+                g = local_tensor(g)
+            g, grad_out = P.layout_grad(g, local, e.exp_avg.stride())
+            if e.writeback is None:
+                entries.append(e._replace(grad=g, grad_out=grad_out))
+            else:  # a non-dense param: a fresh working copy
+                work = torch.empty_strided(local.shape, e.exp_avg.stride(), dtype=local.dtype,
+                                           device=local.device)
+                work.copy_(local)
+                entries.append(e._replace(param=work, grad=g, grad_out=grad_out))
         return entries
 
     def _plan(self, entries: list) -> list:
@@ -485,19 +533,26 @@ class TiedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries = self._entries()
-        if not entries:
+        pending = self._pending()
+        if not pending:
             return loss
-        key = (tuple(P.plan_key(e) for e in entries), self._state_version)
+        key = (tuple(id(t[2]) for t in pending), tuple(t[0] for t in pending),
+               self._state_version)
         plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(entries)
+        entries = None if plan is None else self._reuse(plan, pending)
+        if entries is None:
+            entries = self._entries(pending)
+            plan = self._plans[key] = _Plan(self._plan(entries), entries, self.state)
+            self._plans.move_to_end(key)
             if len(self._plans) > 64:  # as many as the table cache: ZeRO-3 sub-groups
                 self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        key = (key, plan.serial)
         groups = self.param_groups
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for i, (backend, b) in enumerate(plan):
+        for i, (backend, b) in enumerate(plan.buckets):
             b.bind(entries)
             if backend == "triton":
                 from .triton_backend import triton_step
@@ -510,6 +565,7 @@ class TiedAdamW(Optimizer):
             if found_inf is not None:  # AMP: a skipped step does not count, on either backend
                 inf = found_inf.to(b.device, torch.float32, non_blocking=True)
                 torch._foreach_sub_(b.steps, [inf] * len(b.steps))
+            b.release()  # the grads belong to the user (zero_grad frees them)
         for e in entries:
             if e.writeback is not None:  # a non-dense param stepped through a working copy
                 e.writeback.copy_(e.param)
@@ -524,7 +580,7 @@ class TiedAdamW(Optimizer):
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan
             # so telemetry() reports each parameter's latest step, not only the last call's.
-            self._tele_plans[key] = plan
+            self._tele_plans[key] = plan.buckets
             self._tele_plans.move_to_end(key)
             if len(self._tele_plans) > 64:
                 self._tele_plans.popitem(last=False)

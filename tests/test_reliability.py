@@ -455,3 +455,24 @@ def test_parameter_listed_twice_is_refused():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="appears twice"):
         TiedAdamW([p, p])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("role", ["param", "exp_avg", "exp_avg_sq", "step"])
+def test_tensor_repointed_in_place_is_followed(backend, role):
+    """``t.data = ...`` keeps a tensor's identity but moves its memory: the cached plan and
+    address table must follow (a stale address would write freed memory)."""
+    ours, theirs = pair(70, (9, 3), 5)
+    opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
+    for step in range(4):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        if step == 2:
+            t = ours[1] if role == "param" else opt.state[ours[1]][role]
+            t.data = t.data.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        assert_close(p, q)
+        assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])

@@ -35,15 +35,19 @@ class Bucket:
     names: list[str] = field(default_factory=list)  # for telemetry
     telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
     has_copies: bool = False  # some params step through working copies
+    base_params: list | None = None  # params outside a step (copies: the build step's, unused)
 
-    def bind(self, entries) -> None:
-        """This step's grads (and working copies) from the verified entries."""
-        self.grads = [entries[i].grad for i in self.index]
+    def bind(self, grads: list, special: dict) -> None:
+        """This step's grads and working copies ({position: (copy or None, ...)}), verified."""
+        self.grads = [grads[i] for i in self.index]
         if self.has_copies:
-            self.params = [entries[i].param for i in self.index]
+            if self.base_params is None:
+                self.base_params = list(self.params)
+            self.params = [special[i][0] if i in special and special[i][0] is not None else b
+                           for i, b in zip(self.index, self.base_params)]
 
     def release(self) -> None:
         """Drop this step's grads (and working copies) once launched."""
         self.grads = []
         if self.has_copies:
-            self.params = []
+            self.params = list(self.base_params)

@@ -29,6 +29,8 @@ class _Plan:
                                    param=None if e.writeback is not None else e.param)
                         for e in entries]
         self.sharded = any(e.param is not e.source and e.writeback is None for e in entries)
+        self.strides = [e.exp_avg.stride() for e in entries]  # every role's walk strides
+        self.copied = {j for j, e in enumerate(entries) if e.writeback is not None}
         self.signatures = [P.signature(state[e.source], local_tensor(e.source), self.sharded)
                            for e in entries]
         _Plan._serial += 1
@@ -464,30 +466,37 @@ class TiedAdamW(Optimizer):
             entries[j] = P.entry(gi, i, p, g, state[p], groups[gi])
         return entries
 
-    def _reuse(self, plan: "_Plan", pending: list) -> list | None:
-        """This step's entries from a cached plan, if every parameter's signature still matches
-        the one verified when the plan was built; None sends the step down the full check."""
+    def _reuse(self, plan: "_Plan", pending: list) -> tuple | None:
+        """This step's grads (and working copies) for a cached plan, if every parameter's
+        signature still matches the one verified when the plan was built; None sends the step
+        down the full check. Returns (grads, {j: (working copy or None, user's grad or None)})."""
         state = self.state
         sharded = plan.sharded
-        entries = []
-        for (gi, i, p, g), e, sig in zip(pending, plan.entries, plan.signatures):
+        signature = P.signature
+        grads = []
+        special = {}
+        for j, ((gi, i, p, g), sig, strides) in enumerate(zip(pending, plan.signatures,
+                                                               plan.strides)):
             st = state.get(p)
             if st is None:
                 return None
             local = local_tensor(p) if sharded else p
-            if P.signature(st, local, sharded) != sig:
+            if signature(st, local, sharded) != sig:
                 return None
             if sharded:
                 g = local_tensor(g)
-            g, grad_out = P.layout_grad(g, local, e.exp_avg.stride())
-            if e.writeback is None:
-                entries.append(e._replace(grad=g, grad_out=grad_out))
-            else:  # a non-dense param: a fresh working copy
-                work = torch.empty_strided(local.shape, e.exp_avg.stride(), dtype=local.dtype,
+            grad_out = None
+            if g.stride() != strides and local.numel() > 1:
+                g, grad_out = P.layout_grad(g, local, strides)
+            work = None
+            if j in plan.copied:  # a non-dense param: a fresh working copy
+                work = torch.empty_strided(local.shape, strides, dtype=local.dtype,
                                            device=local.device)
                 work.copy_(local)
-                entries.append(e._replace(param=work, grad=g, grad_out=grad_out))
-        return entries
+            if grad_out is not None or work is not None:
+                special[j] = (work, grad_out)
+            grads.append(g)
+        return grads, special
 
     def _plan(self, entries: list) -> list:
         """Group verified entries into launch buckets (cached under their plan key)."""
@@ -539,21 +548,26 @@ class TiedAdamW(Optimizer):
         key = (tuple(id(t[2]) for t in pending), tuple(t[0] for t in pending),
                self._state_version)
         plan = self._plans.get(key)
-        entries = None if plan is None else self._reuse(plan, pending)
-        if entries is None:
+        reused = None if plan is None else self._reuse(plan, pending)
+        if reused is None:
             entries = self._entries(pending)
             plan = self._plans[key] = _Plan(self._plan(entries), entries, self.state)
             self._plans.move_to_end(key)
             if len(self._plans) > 64:  # as many as the table cache: ZeRO-3 sub-groups
                 self._plans.popitem(last=False)
+            grads = [e.grad for e in entries]
+            special = {j: (e.param if e.writeback is not None else None, e.grad_out)
+                       for j, e in enumerate(entries)
+                       if e.writeback is not None or e.grad_out is not None}
         else:
             self._plans.move_to_end(key)
+            grads, special = reused
         key = (key, plan.serial)
         groups = self.param_groups
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for i, (backend, b) in enumerate(plan.buckets):
-            b.bind(entries)
+            b.bind(grads, special)
             if backend == "triton":
                 from .triton_backend import triton_step
                 triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
@@ -566,16 +580,17 @@ class TiedAdamW(Optimizer):
                 inf = found_inf.to(b.device, torch.float32, non_blocking=True)
                 torch._foreach_sub_(b.steps, [inf] * len(b.steps))
             b.release()  # the grads belong to the user (zero_grad frees them)
-        for e in entries:
-            if e.writeback is not None:  # a non-dense param stepped through a working copy
-                e.writeback.copy_(e.param)
-            if e.grad_out is not None and grad_scale is not None:
+        for j, (work, grad_out) in special.items():
+            e = plan.entries[j]
+            if work is not None:  # a non-dense param stepped through a working copy
+                e.writeback.copy_(work)
+            if grad_out is not None and grad_scale is not None:
                 # the unscaled grad (Note [amp] in the kernel), where the user's grad can hold
                 # it; an expanded (stride-0) grad is replaced by the unscaled copy
-                if P.is_dense(e.grad_out):
-                    e.grad_out.copy_(e.grad)
-                elif e.source.grad is e.grad_out:
-                    e.source.grad = e.grad
+                if P.is_dense(grad_out):
+                    grad_out.copy_(grads[j])
+                elif e.source.grad is grad_out:
+                    e.source.grad = grads[j]
         self._beta_seen = {id(g): g["beta"] for g in groups}
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan

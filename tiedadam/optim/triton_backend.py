@@ -76,8 +76,8 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
                             flat_group=b.groups[0], **kw)
     else:
         roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
-        # Every role's addresses are compared each step (Note [what the kernel may trust]):
-        # only grads may move without a rebuild.
+        # The key names a plan whose every non-grad address was verified this step (the
+        # signature, Note [what the kernel may trust]); grads move freely and are re-pointed.
         table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,
-                          watched=range(K.N_ROLES), volatile=(K.ROLE_GRAD,))
+                          watched=(K.ROLE_GRAD,), volatile=(K.ROLE_GRAD,))
         K.launch_tied_adamw(table, hyper, **kw)

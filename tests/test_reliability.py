@@ -439,13 +439,17 @@ def test_non_contiguous_params_match_torch(backend, layout):
             return torch.randn(6, 7).t()
         return torch.randn(6, 10)[:, ::3]  # not dense: stepped through a working copy
     ours, theirs = pair(None, make=make)
+    more, more_ref = pair(13)  # a second param: the table path (one alone goes flat)
+    ours, theirs = ours + more, theirs + more_ref
     assert ours[0].stride() == theirs[0].stride()
     opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
     for _ in range(3):
-        g = torch.randn(ours[0].shape)
-        ours[0].grad, theirs[0].grad = g, g.clone()
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g, g.clone()
         opt.step()
         ref.step()
+    assert_close(ours[1], theirs[1])
     assert ours[0].stride() == theirs[0].stride()
     assert_close(ours[0], theirs[0])
     assert_close(opt.state[ours[0]]["exp_avg"], ref.state[theirs[0]]["exp_avg"])

@@ -239,9 +239,12 @@ def _tied_adamw_kernel(
         w_base = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.float32))
         step_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
 
-    # Note [loop bounds]: a program walks only the elements of its chunk that exist,
-    # rem = min(numel - start, CHUNK): whole BLOCKs unmasked (aligned tensors), then one masked
-    # tail; misaligned tensors take masked BLOCKs over rem only. No iteration touches nothing.
+    # Note [loop bounds]: a program updates only the elements of its chunk that exist,
+    # rem = min(numel - start, CHUNK). A full chunk of an aligned tensor runs unmasked; the
+    # last chunk of a tensor (or a misaligned view) runs masked, and its iterations past rem
+    # skip their body. The trip count stays the constant CHUNK / BLOCK: a loop bounded by rem
+    # itself compiled to 80 registers instead of 58 for the fp32 table variant (sm_90,
+    # triton 3.9), a third fewer threads per SM.
     rem = tl.minimum(numel - start, CHUNK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     gsq = 0.0
@@ -282,10 +285,9 @@ def _tied_adamw_kernel(
     eps_c = eps.to(COMPUTE)
     inv_c = (1.0 / c).to(COMPUTE)
 
-    if aligned != 0:
-        # Whole BLOCKs of an aligned tensor: unmasked, hinted 16-byte vector access.
-        n_full = (rem // BLOCK) * BLOCK
-        for i in range(0, n_full, BLOCK):
+    if (aligned != 0) & (rem == CHUNK):
+        # A full chunk of an aligned tensor: unmasked, hinted 16-byte vector access.
+        for i in range(0, CHUNK, BLOCK):
             o = offs + i
             a, b, mx, nf, hi = _tied_adamw_block(
                 tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
@@ -299,23 +301,22 @@ def _tied_adamw_kernel(
             umax = tl.maximum(umax, mx)
             nonfinite += nf
             high += hi
-        lo = n_full
     else:
-        lo = rem * 0
-    # The masked rest: the tail of an aligned tensor (one BLOCK at most), or all of rem for a
-    # misaligned view; no alignment promise.
-    for i in range(lo, rem, BLOCK):
-        o = offs + i
-        a, b, mx, nf, hi = _tied_adamw_block(
-            p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
-            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
-            seed, t_u32, tid_u32, inv_c, snr_threshold,
-            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
-        gsq += a
-        usq += b
-        umax = tl.maximum(umax, mx)
-        nonfinite += nf
-        high += hi
+        # The last chunk of a tensor, or a misaligned view: masked, no alignment promise.
+        # Note [loop bounds]: iterations past the tensor's end skip their body.
+        for i in range(0, CHUNK, BLOCK):
+            if i < rem:
+                o = offs + i
+                a, b, mx, nf, hi = _tied_adamw_block(
+                    p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
+                    decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+                    seed, t_u32, tid_u32, inv_c, snr_threshold,
+                    PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
+                gsq += a
+                usq += b
+                umax = tl.maximum(umax, mx)
+                nonfinite += nf
+                high += hi
     if TELEMETRY:
         # Note [telemetry]: one atomic per metric per program into the tensor's row.
         row = tele_ptr + 5 * tid

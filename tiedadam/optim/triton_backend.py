@@ -76,8 +76,11 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
                             flat_group=b.groups[0], **kw)
     else:
         roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
-        # The key names a plan whose every non-grad address was verified this step (the
-        # signature, Note [what the kernel may trust]); grads move freely and are re-pointed.
+        # The key names a plan whose params' and states' addresses were verified this step
+        # (the signature, Note [what the kernel may trust]); grads move freely and are
+        # re-pointed. A bucket with working copies (non-dense params) has fresh param memory
+        # every step: its param addresses are compared too (a change rebuilds the table).
+        watched = (K.ROLE_PARAM, K.ROLE_GRAD) if b.has_copies else (K.ROLE_GRAD,)
         table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,
-                          watched=(K.ROLE_GRAD,), volatile=(K.ROLE_GRAD,))
+                          watched=watched, volatile=(K.ROLE_GRAD,))
         K.launch_tied_adamw(table, hyper, **kw)

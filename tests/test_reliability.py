@@ -31,6 +31,16 @@ def torch_ref(params, lr=0.1, beta=0.9, **kw):
     return torch.optim.AdamW(params, lr=lr, betas=(beta, beta), foreach=False, **kw)
 
 
+def step_both(opt, ref, ours, theirs, steps=1):
+    """The same fresh grads to both optimizers, then a step of each."""
+    for _ in range(steps):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+
+
 def snapshot(opt, params):
     return ([p.detach().clone() for p in params],
             [{k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state])
@@ -178,12 +188,7 @@ def test_fp64_params_get_fp64_state_and_math(backend):
     ours, theirs = pair(11, (4, 70), (), dtype=torch.float64)
     opt = TiedAdamW(ours, lr=0.1, beta=0.9, weight_decay=0.1, backend=backend)
     ref = torch_ref(theirs, weight_decay=0.1)
-    for _ in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, 4)
     for p, q in zip(ours, theirs):
         assert opt.state[p]["exp_avg"].dtype == torch.float64
         # fp64 end to end: far below what fp32 rounding anywhere would leave (~1e-7)
@@ -221,12 +226,7 @@ def test_default_tiedadamw_loads_torch_checkpoint_with_other_tied_beta(backend):
     opt = TiedAdamW(ours, backend=backend)  # default beta 0.95
     opt.load_state_dict(ref.state_dict())
     assert opt.param_groups[0]["beta"] == 0.9 and opt.param_groups[0]["betas"] == (0.9, 0.9)
-    for _ in range(2):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, 2)
     for p, q in zip(ours, theirs):
         assert_close(p, q)
 

@@ -11,7 +11,7 @@ from tiedadam.integrations import fsdp as tfsdp
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=100)
-ap.add_argument("--ckpt", default="ckpt/fsdp2_example")
+ap.add_argument("--ckpt", default="examples/out/fsdp2_ckpt")  # git-ignored
 args = ap.parse_args()
 
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -2,7 +2,7 @@
 parameter, and peak device memory during a step (torch.cuda.max_memory_allocated around the
 step; pynvml's view of the whole device before and after).
 
-    python perf/bench_memory.py [--scale 1] [--providers ...] [--out perf/results]
+    python perf/bench_memory.py [--scale 1] [--providers ...] [--out DIR]
 
 On CPU only state bytes are measured (peak device memory is a CUDA notion): use --scale 0.01.
 Writes bench_memory.json and bench_memory.png and prints a table last.
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import llama_shapes  # noqa: E402
-from common import gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
 from providers import PROVIDERS, Unavailable, make_optimizer, state_bytes  # noqa: E402
 
 DEFAULT = ("tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,"
@@ -54,7 +54,7 @@ def measure(name, shapes, device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="perf/results")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--scale", type=float, default=None, help="default 1 on CUDA, 0.01 on CPU")
     ap.add_argument("--providers", default=DEFAULT)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ TiedAdamW (its CPU path: torch's fused AdamW with betas (beta, beta)) against De
 (DeepSpeed's JIT-built AVX op) and torch.optim.AdamW(fused=True). Median of --iters steps,
 timed in rotation (Note [interleaving]).
 
-    python perf/bench_offload.py [--numel 50000000] [--iters 10] [--out perf/results/cpu]
+    python perf/bench_offload.py [--numel 50000000] [--iters 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_time, progress, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, machine, median_time, progress, versions, write_json  # noqa: E402
 from providers import Unavailable, make_optimizer  # noqa: E402
 
 BYTES_PER_PARAM = 28  # read p, g, m, v (16 B) + write p, m, v (12 B), fp32
@@ -26,7 +26,7 @@ BYTES_PER_PARAM = 28  # read p, g, m, v (16 B) + write p, m, v (12 B), fp32
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="perf/results/cpu")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--numel", type=int, default=50_000_000)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=2)

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, progress, release, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, machine, progress, release, versions, write_json  # noqa: E402
 from lm import LMConfig, TinyLM, param_groups  # noqa: E402
+from providers import Unavailable  # noqa: E402
 
 PAIRS = {  # framework -> providers
     "plain": ["tiedadam", "torch-fused"],
@@ -73,7 +74,10 @@ def build(framework, provider, model, args, device):
     lr, beta, wd = 3e-4, 0.95, 0.1
     bf16 = device == "cuda"
     if framework == "ds-zero2":
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError:
+            raise Unavailable("deepspeed is not installed") from None
         import tiedadam  # noqa: F401  publishes "TiedAdamW"
         params = {"lr": lr, "betas": [beta, beta], "weight_decay": wd}
         if provider == "tiedadam":
@@ -148,7 +152,7 @@ def run(framework, provider, base, cfg, args, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     cuda = torch.cuda.is_available()
-    ap.add_argument("--out", default="perf/results")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--frameworks", default="plain,fsdp2,ds-zero2")
     ap.add_argument("--d-model", type=int, default=1024 if cuda else 64)
     ap.add_argument("--layers", type=int, default=24 if cuda else 2)
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
             try:
                 rows.append(run(fw, prov, base, cfg, args, device))
             except Exception as e:  # a missing framework (no deepspeed) is reported, not fatal
-                skipped[f"{fw}/{prov}"] = f"{type(e).__name__}: {e}"[:300]
+                why = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                skipped[f"{fw}/{prov}"] = why[:300]
                 progress(f"  skipped: {skipped[f'{fw}/{prov}']}")
     tag = f"_{args.tag}" if args.tag else ""
     path = write_json(args.out, f"bench_train{tag}.json", dict(

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, progress, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
 from lm import TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402
 
 SETTINGS = {"tied 0.9": (0.9, 0.9), "tied 0.95": (0.95, 0.95), "tied 0.975": (0.975, 0.975),
@@ -117,7 +117,7 @@ def run(setting, lr, seed, data, cfg, args, device):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="perf/results")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
     ap.add_argument("--lrs", default="1e-3,3e-3")
     ap.add_argument("--seeds", type=int, default=2)

@@ -12,6 +12,14 @@ from typing import Any, Callable
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Note [scratch]: every script writes here unless told otherwise (git-ignored), so running one
+# never overwrites the committed results behind the README; committing results is an explicit
+# `--out perf/results/<machine>`.
+SCRATCH = os.path.join(ROOT, "perf", "results", "tmp")
+OUT_HELP = ("folder for the JSON/PNG results (default: perf/results/tmp, git-ignored; "
+            "use --out perf/results/<machine> for results you mean to commit)")
+
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__,

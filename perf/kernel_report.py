@@ -1,7 +1,7 @@
 """Kernel-quality report: compile every TiedAdamW kernel variant for sm_90 (no GPU needed) and
 print registers, spill bytes and the widest global load/store per variant.
 
-    python perf/kernel_report.py [--out perf/results] [--arch 90]
+    python perf/kernel_report.py [--out DIR] [--arch 90]
 
 Writes kernel_report.json into --out. Runs without TRITON_INTERPRET (it is removed here).
 """
@@ -16,26 +16,31 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # must happen before triton kernels are decorated
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, versions, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="perf/results", help="folder for kernel_report.json")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100/H200)")
     args = ap.parse_args(argv)
 
-    from tiedadam.kernels.sm90_report import report
+    from tiedadam.kernels.sm90_report import compile_variant, variants
 
     t0 = time.time()
-    rows = report(args.arch)
+    todo = list(variants())
     header = f"{'variant':<32}{'regs':>6}{'spill B':>9}{'widest ld':>11}{'widest st':>11}  full-path ops"
+    print(f"compiling {len(todo)} kernel variants for sm_{args.arch} (a few seconds each)",
+          flush=True)
     print(header)
     print("-" * len(header))
-    for r in rows:
+    rows = []
+    for spec in todo:  # one line per variant as it compiles: progress, not silence
+        r = compile_variant(**spec, arch=args.arch)
+        rows.append(r)
         wide = {k: v for k, v in {**r.loads, **r.stores}.items() if k.endswith((".128", ".64"))}
         print(f"{r.name:<32}{r.registers:>6}{r.spill_bytes:>9}{r.widest_load:>11}"
-              f"{r.widest_store:>11}  {wide}")
+              f"{r.widest_store:>11}  {wide}", flush=True)
     path = write_json(args.out, "kernel_report.json", {
         "what": f"TiedAdamW kernel variants compiled for sm_{args.arch} (no GPU: static compile)",
         "versions": versions(), "seconds": round(time.time() - t0, 1),

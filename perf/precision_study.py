@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, progress, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
 from lm import Data, LMConfig, TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402,E501
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -71,7 +71,7 @@ def smooth(xs, k=20):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default="perf/results")
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
     add_lm_args(ap, steps=300)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -73,6 +73,10 @@ def _deepspeed_fused(params, lr, beta, device):
     if device != "cuda":
         raise Unavailable("DeepSpeed FusedAdam is a CUDA op")
     try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise Unavailable("deepspeed is not installed") from None
+    try:
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam(params, lr=lr, betas=(beta, beta), weight_decay=0.01, adam_w_mode=True)
     except Exception as e:
@@ -82,6 +86,10 @@ def _deepspeed_fused(params, lr, beta, device):
 def _deepspeed_cpu(params, lr, beta, device):
     if device != "cpu":
         raise Unavailable("DeepSpeedCPUAdam steps CPU tensors (ZeRO-Offload)")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise Unavailable("deepspeed is not installed") from None
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(params, lr=lr, betas=(beta, beta), weight_decay=0.01,

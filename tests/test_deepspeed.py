@@ -27,6 +27,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _jit_ops_built_once():
+    """DeepSpeed JIT-builds a CPU shared-memory comm op at its first init_distributed. Build it
+    here, in this one process, before any test spawns ranks: two ranks building it at once, one
+    of them killed mid-build, would leave a lock that hangs every later run."""
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+
+
 def assert_same_training(ours, ref, precision, exact=False):
     if exact:
         assert ours["losses"] == ref["losses"]

@@ -7,26 +7,19 @@ The compile runs in a child process: under TRITON_INTERPRET=1 (set for the other
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    from test_perf_scripts import run_script  # default --out, checkout left as it was
     out = tmp_path_factory.mktemp("kr")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "kernel_report.py"),
-                           "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stdout = run_script("kernel_report.py", tmp_path=out)
     with open(out / "kernel_report.json") as f:
-        return json.load(f), proc.stdout
+        return json.load(f), stdout
 
 
 def expected_128(v):

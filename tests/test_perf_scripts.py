@@ -5,18 +5,43 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SCRATCH = os.path.join(ROOT, "perf", "results", "tmp")  # the scripts' default --out
+
+
+def git_status():
+    """Tracked changes and untracked, not-ignored files; None outside a git checkout."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except OSError:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def run_script(name, *args, tmp_path, timeout=600):
+    """Run a perf script with its *default* output folder (the git-ignored scratch folder),
+    check that it left the checkout as it was (no committed result overwritten, nothing
+    untracked added), and copy what it wrote into ``tmp_path`` for the test to read."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "perf", name), "--out",
-                           str(tmp_path), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    before_status = git_status()
+    before = {f: os.path.getmtime(os.path.join(SCRATCH, f))
+              for f in (os.listdir(SCRATCH) if os.path.isdir(SCRATCH) else [])}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "perf", name), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert git_status() == before_status, (
+        f"{name} with its default --out changed the checkout:\n{git_status()}")
+    for f in os.listdir(SCRATCH):
+        src = os.path.join(SCRATCH, f)
+        if os.path.isfile(src) and before.get(f) != os.path.getmtime(src):
+            shutil.copy(src, tmp_path / f)
     return proc.stdout
 
 

@@ -70,15 +70,31 @@ launches = 0
 
 
 @triton.jit
+def _rne_bf16(x):
+    """fp32 -> bf16, round to nearest even, with integer operations.
+
+    Note [bf16 rounding]: the Triton interpreter truncates fp32->bf16 casts whatever
+    ``fp_downcast_rounding`` says, so a cast would give the GPU and the CPU tests different
+    bits. Rounding the bits ourselves gives both the same, so CPU tests check it exactly:
+    add 0x7FFF plus the lowest kept bit (ties go to even), keep the high half; NaN becomes the
+    canonical quiet NaN 0x7FC0, as torch's ``.to(torch.bfloat16)`` gives. A memory-bound loop
+    has the issue slots for the four integer operations."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    out = tl.where(x != x, bits * 0 + 0x7FC0, rounded)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
     """fp32 -> bf16. Stochastic: add 16 random low bits, then truncate, so that
     E[round(x)] = x (unbiased); the result is exact in bf16, so no cast rounding is involved.
-    Otherwise round to nearest even."""
+    Otherwise round to nearest even (Note [bf16 rounding])."""
     if STOCHASTIC:
         bits = (x.to(tl.uint32, bitcast=True) + r16) & 0xFFFF0000
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
+        return _rne_bf16(x)
 
 
 @triton.jit
@@ -116,7 +132,10 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         g = g * inv_scale
         # Note [amp]: the unscaled grad is written back, as torch's fused AdamW does, so that
         # p.grad reads the same after scaler.step() on every backend.
-        tl.store(g_ptrs, g.to(PARAM), mask=mask)
+        if PARAM == tl.bfloat16:
+            tl.store(g_ptrs, _rne_bf16(g), mask=mask)
+        else:
+            tl.store(g_ptrs, g.to(PARAM), mask=mask)
     if HAS_MASTER:
         p = tl.load(w_ptrs, mask=mask)
     else:
@@ -185,7 +204,10 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
     elif PARAM_SR:
         tl.store(p_ptrs, _round_to_bf16(p, r1 & 0xFFFF, True), mask=mask)
     else:
-        tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
+        if PARAM == tl.bfloat16:
+            tl.store(p_ptrs, _rne_bf16(p), mask=mask)
+        else:  # fp16: the interpreter's cast (numpy) rounds to nearest even, as the GPU does
+            tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
     return gsq, usq, umax, nonfinite, high
 
 

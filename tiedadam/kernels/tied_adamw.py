@@ -45,17 +45,20 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 
 # Note [block size]
 # Each program walks one CHUNK of one tensor in BLOCK-sized steps, so the chunk table stays
-# small (1B elements -> 16K rows). BLOCK gives every thread 16 bytes of the *narrowest* stored
-# dtype per step, so every role moves in whole 128-bit accesses (fp32 states with bf16 params:
-# two per state). Measured by the sm_90 compile report (perf/kernel_report.py): all-fp32 at
-# 4 elements/thread uses ~56 registers; 8/thread doubles that with nothing gained.
+# small (1B elements -> 16K rows). Every variant gives each thread 4 elements per step (2 for
+# fp64, so no role needs more than one 128-bit access): fp32 roles then move in 128-bit
+# accesses and bf16/fp16 roles in 64-bit ones (a warp still reads 256 contiguous bytes), and
+# every role shares one register layout. Giving each thread 16 bytes of the *narrowest* dtype
+# instead (8 elements with bf16) made fp32 roles need a second layout: every block went
+# through shared memory (convert_layout) and the mixed-precision variants used 148-178
+# registers; at 4 elements they use 40-79 (perf/kernel_report.py).
 CHUNK = 65536
 NUM_WARPS = 4
 
 
 def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
-    narrowest = min(torch.empty((), dtype=d).element_size() for d in (param_dtype, state_dtype))
-    return (16 // narrowest) * 32 * NUM_WARPS
+    widest = max(torch.empty((), dtype=d).element_size() for d in (param_dtype, state_dtype))
+    return min(4, 16 // widest) * 32 * NUM_WARPS
 
 
 # FMA contraction off: results then match torch's op-by-op rounding, on every Triton version

@@ -31,12 +31,15 @@ def torch_ref(params, lr=0.1, beta=0.9, **kw):
     return torch.optim.AdamW(params, lr=lr, betas=(beta, beta), foreach=False, **kw)
 
 
-def step_both(opt, ref, ours, theirs, steps=1):
-    """The same fresh grads to both optimizers, then a step of each."""
-    for _ in range(steps):
+def step_both(opt, ref, ours, theirs, steps=1, before=None):
+    """The same fresh grads to both optimizers, then a step of each (``before(i)`` runs after
+    the grads of step i are set, before the steps)."""
+    for i in range(steps):
         for p, q in zip(ours, theirs):
             g = torch.randn_like(p)
             p.grad, q.grad = g, g.clone()
+        if before is not None:
+            before(i)
         opt.step()
         ref.step()
 
@@ -84,21 +87,18 @@ def test_grad_with_other_strides_is_read_by_index(backend, kind):
 def test_state_cleared_or_replaced_mid_training(backend, how):
     ours, theirs = pair(10, (3, 4))
     opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
-    for step in range(6):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        if step == 3:
-            if how == "clear":
-                opt.state.clear()
-                ref.state.clear()
-            else:  # e.g. after pruning: new moments for one param
-                for o in (opt, ref):
-                    p = ours[0] if o is opt else theirs[0]
-                    o.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.full((10,), 0.5),
-                                  "exp_avg_sq": torch.ones(10)}
-        opt.step()
-        ref.step()
+
+    def edit(step):
+        if step != 3:
+            return
+        if how == "clear":
+            opt.state.clear()
+            ref.state.clear()
+        else:  # e.g. after pruning: new moments for one param
+            for o, p in ((opt, ours[0]), (ref, theirs[0])):
+                o.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.full((10,), 0.5),
+                              "exp_avg_sq": torch.ones(10)}
+    step_both(opt, ref, ours, theirs, 6, before=edit)
     for p, q in zip(ours, theirs):
         assert_close(p, q)
         assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
@@ -468,15 +468,12 @@ def test_tensor_repointed_in_place_is_followed(backend, role):
     address table must follow (a stale address would write freed memory)."""
     ours, theirs = pair(70, (9, 3), 5)
     opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
-    for step in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
+
+    def repoint(step):
         if step == 2:
             t = ours[1] if role == "param" else opt.state[ours[1]][role]
             t.data = t.data.clone()
-        opt.step()
-        ref.step()
+    step_both(opt, ref, ours, theirs, 4, before=repoint)
     for p, q in zip(ours, theirs):
         assert_close(p, q)
         assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])

@@ -106,7 +106,7 @@ def test_alignment_flags():
     views = [base[:64], base[1:]]
     roles = [views, [torch.randn(64)] * 2, [torch.randn(64)] * 2, [torch.randn(64)] * 2,
              [torch.randn(64)] * 2]
-    t = MultiTensorTable(roles, [0, 0], 5, 4096, torch.device("cpu"))
+    t = MultiTensorTable(roles, [0, 0], [0, 0], 5, 4096, torch.device("cpu"))
     assert t.aligned == [True, False]
 
 

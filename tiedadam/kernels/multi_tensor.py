@@ -9,7 +9,8 @@ tensors per launch (torch's foreach kernels cap at a few hundred, apex at 36).
 * ``addr``  int64 [K, T], column-major by role: ``addr[k, i]`` is the address of tensor ``i``'s
   role ``k`` (param, grad, exp_avg, ...). Column-major so that one role (the grads, which move
   under ZeRO every step) is one contiguous row that can be re-uploaded alone.
-* ``meta``  int64 [3, T]: numel, param-group index, aligned flag (Note [alignment]).
+* ``meta``  int64 [4, T]: numel, param-group index, aligned flag (Note [alignment]), and a
+  per-tensor tag the kernel may use (TiedAdamW: the rounding stream key).
 * ``chunk`` int64 [2, C]: (tensor index, first element) of each program's chunk. Offsets are
   int64 because one tensor may hold more than 2**31 elements.
 
@@ -77,7 +78,7 @@ class MultiTensorTable:
     """
 
     def __init__(self, roles: Sequence[Sequence[Tensor]], group_index: Sequence[int],
-                 n_elementwise: int, chunk: int, device: torch.device):
+                 tags: Sequence[int], n_elementwise: int, chunk: int, device: torch.device):
         if chunk % ALIGN_BYTES:
             raise ValueError(f"chunk={chunk} must be a multiple of {ALIGN_BYTES} elements")
         self.device = device
@@ -87,7 +88,8 @@ class MultiTensorTable:
         aligned = [all(self.ptrs[k][i] % ALIGN_BYTES == 0 for k in range(n_elementwise))
                    for i in range(self.n_tensors)]
         meta = torch.stack([numels, torch.tensor(group_index, dtype=torch.int64),
-                            torch.tensor(aligned, dtype=torch.int64)])
+                            torch.tensor(aligned, dtype=torch.int64),
+                            torch.tensor(tags, dtype=torch.int64)])
         self.numels = numels
         self.aligned = aligned
         self.addr = upload(torch.tensor(self.ptrs, dtype=torch.int64).reshape(len(roles), -1),
@@ -123,7 +125,7 @@ class TableCache:
         self._tables.clear()
 
     def get(self, key: Hashable, roles: Sequence[Sequence[Tensor]], group_index: Sequence[int],
-            n_elementwise: int, chunk: int, device: torch.device,
+            tags: Sequence[int], n_elementwise: int, chunk: int, device: torch.device,
             watched: Sequence[int], volatile: Sequence[int]) -> MultiTensorTable:
         table = self._tables.get(key)
         if table is not None:
@@ -137,7 +139,7 @@ class TableCache:
                         table = None
                         break
         if table is None:
-            table = MultiTensorTable(roles, group_index, n_elementwise, chunk, device)
+            table = MultiTensorTable(roles, group_index, tags, n_elementwise, chunk, device)
             self.builds += 1
             self._tables[key] = table
             if len(self._tables) > self.capacity:

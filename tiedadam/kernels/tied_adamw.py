@@ -35,6 +35,13 @@ import triton.language as tl
 from .multi_tensor import ALIGN_BYTES, MultiTensorTable
 
 _ALIGN = tl.constexpr(ALIGN_BYTES)  # bytes promised by tl.multiple_of (Note [alignment])
+# Philox-4x32 constants (Salmon et al., SC'11), as in triton.language.random.
+_PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+PHILOX_ROUNDS = tl.constexpr(7)  # Note [philox rounds]
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 # Rows of the address table (Note [tables] in multi_tensor.py).
 ROLE_PARAM, ROLE_GRAD, ROLE_EXP_AVG, ROLE_EXP_AVG_SQ, ROLE_MASTER, ROLE_STEP = range(6)
@@ -54,6 +61,9 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 # registers; at 4 elements they use 40-79 (perf/kernel_report.py).
 CHUNK = 65536
 NUM_WARPS = 4
+_THREADS = tl.constexpr(32 * NUM_WARPS)
+NUM_STAGES = 1  # Note [no pipelining]
+MAX_REGISTERS = 64  # Note [registers]
 
 
 def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
@@ -83,9 +93,9 @@ def _rne_bf16(x):
     canonical quiet NaN 0x7FC0, as torch's ``.to(torch.bfloat16)`` gives. A memory-bound loop
     has the issue slots for the four integer operations."""
     bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    out = tl.where(x != x, bits * 0 + 0x7FC0, rounded)
-    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+    # the high halves: packing two of them into a register is one PRMT, the shift is free
+    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -94,10 +104,92 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
     E[round(x)] = x (unbiased); the result is exact in bf16, so no cast rounding is involved.
     Otherwise round to nearest even (Note [bf16 rounding])."""
     if STOCHASTIC:
-        bits = (x.to(tl.uint32, bitcast=True) + r16) & 0xFFFF0000
+        bits = x.to(tl.uint32, bitcast=True) + r16
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return _rne_bf16(x)
+
+
+@triton.jit
+def _philox(key, c0, c1, c2, c3):
+    """Philox-4x32 with PHILOX_ROUNDS rounds of counter (c0, c1, c2, c3) under the 64-bit
+    ``key``: the same function as ``tl.philox(..., n_rounds=PHILOX_ROUNDS)``
+    (tests/test_rng.py checks bit equality), with each round's 32x32-bit products taken from
+    one widening multiply. ``tl.philox`` asks for the high and low halves separately and ptxas
+    keeps them as two instructions: 4 multiplies per round instead of 2.
+
+    Note [philox rounds]: 7 rounds, not tl.philox's default 10. Salmon et al. (SC'11,
+    "Parallel random numbers: as easy as 1, 2, 3") report Philox-4x32-7 as passing TestU01's
+    BigCrush, and recommend 10 as a safety margin. Stochastic rounding only needs noise
+    uniform and uncorrelated with the value; the three rounds saved are 6 instructions per
+    element of pure bf16 (two calls per 4 elements), what brings that variant under its
+    instruction budget (perf/kernel_report.py)."""
+    key = key.to(tl.uint64)
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (key >> 32).to(tl.uint32)
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        pa = c0.to(tl.uint64) * _PHILOX_ROUND_A
+        pb = c2.to(tl.uint64) * _PHILOX_ROUND_B
+        n0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+        n2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = pb.to(tl.uint32)
+        c3 = pa.to(tl.uint32)
+        c0 = n0
+        c2 = n2
+        k0 = k0 + _PHILOX_KEY_A
+        k1 = k1 + _PHILOX_KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _random_bits(key, base, t_u32, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """32 random bits for each element ``base + [0, BLOCK)`` (``ra``), and 32 more (``rb``) when
+    WIDE.
+
+    Note [rng]: Philox-4x32-7 (Note [philox rounds]) keyed by the tensor's stream key (Note [rng streams] in
+    tiedadam/optim/rng.py: seed, param group, position, shard), counter = (element group lo,
+    element group hi, step, stream) where an element group is 4 neighbouring elements, which
+    one thread holds in registers (Note [block size]): one call gives each of them 32 bits
+    (bf16 exp_avg takes the low 16, exp_avg_sq the high 16), and join + reshape hand them out
+    without moving data between threads. Pure bf16 also rounds the param: a second call
+    (stream 1) gives 32 more bits per element, of which the param takes 16. Reproducible for a key and step, independent across elements, steps
+    and tensors, and nothing to save in a checkpoint."""
+    q = (base >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    lo = q.to(tl.uint32)
+    hi = (q >> 32).to(tl.uint32)
+    t = tl.zeros([BLOCK // 4], dtype=tl.uint32) + t_u32
+    r0, r1, r2, r3 = _philox(key, lo, hi, t, t * 0)
+    ra = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+    rb = ra
+    if WIDE:
+        r0, r1, r2, r3 = _philox(key, lo, hi, t, t * 0 + 1)
+        rb = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+    return ra, rb
+
+
+@triton.jit
+def _sum_squares(x, BLOCK: tl.constexpr):
+    """[BLOCK] -> [THREADS]: sum of squares of each thread's elements as a chain of fused
+    multiply-adds (one instruction per element; telemetry is not bound to torch's rounding)."""
+    if BLOCK // _THREADS == 4:
+        a, b = tl.split(tl.reshape(x, [_THREADS, 2, 2]))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return tl.fma(b1, b1, tl.fma(a1, a1, tl.fma(b0, b0, a0 * a0)))
+    else:
+        a0, a1 = tl.split(tl.reshape(x, [_THREADS, 2]))
+        return tl.fma(a1, a1, a0 * a0)
+
+
+@triton.jit
+def _per_thread(x, BLOCK: tl.constexpr, MAX: tl.constexpr):
+    """[BLOCK] -> [THREADS]: the sum (or max) of the elements each thread holds, in registers
+    (thread i holds elements [E*i, E*i + E), Note [block size])."""
+    rows = tl.reshape(x, [_THREADS, BLOCK // _THREADS])
+    if MAX:
+        return tl.max(rows, axis=1)
+    else:
+        return tl.sum(rows, axis=1)
 
 
 @triton.jit
@@ -118,17 +210,20 @@ def _div(x, y, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
+def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
                       decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
-                      seed, t_u32, tid_u32, inv_c, snr_threshold,
+                      key, t_u32, thr_bc,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
                       HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
-                      TELEMETRY: tl.constexpr, MASKED: tl.constexpr):
-    """One BLOCK of the update. ``mask`` is None on full aligned chunks (unmasked access).
+                      TELEMETRY: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK of the update, elements ``base + [0, BLOCK)`` of the tensor. ``mask`` is None
+    on whole blocks of aligned tensors (unmasked access).
 
     Math in fp32 registers, or fp64 for fp64 params (as torch.optim.AdamW computes in the
     param's dtype). Returns this block's telemetry partials (Note [telemetry]); zeros when
-    TELEMETRY is off, which the compiler removes."""
+    TELEMETRY is off, which the compiler removes. The partials are per thread
+    ([THREADS]: each thread's elements summed in registers), reduced across threads once per
+    program, after the loop."""
     COMPUTE: tl.constexpr = tl.float64 if PARAM == tl.float64 else tl.float32
     g = tl.load(g_ptrs, mask=mask).to(COMPUTE)
     if HAS_SCALE:
@@ -155,48 +250,47 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
         m = g - d * beta
     v = v * beta + one_minus_beta * g * g
     sqrt_v = _sqrt(v, COMPUTE)
-    denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps
+    if COMPUTE == tl.float64:
+        denom = sqrt_v * bc_sqrt + eps  # Note [fp64]: bc_sqrt holds 1 / sqrt(c) here
+    else:
+        denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps
     q = _div(m, denom, COMPUTE)
     p = p - step_size * q
 
     gsq = 0.0
-    usq = 0.0
-    umax = 0.0
+    qsq = 0.0
+    qmax = 0.0
     nonfinite = 0.0
     high = 0.0
     if TELEMETRY:
-        u = q * inv_c  # m_hat / (sqrt(v_hat) + eps): the update before lr
-        ratio = tl.abs(m) / tl.where(sqrt_v > 0, sqrt_v * bc_sqrt, 1.0)  # |m_hat| / sqrt(v_hat)
-        bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32)
-        hi = (ratio > snr_threshold).to(tl.float32)
-        g2 = (g * g).to(tl.float32)
-        u2 = (u * u).to(tl.float32)
-        ua = tl.abs(u).to(tl.float32)
+        # Note [telemetry]: per-thread partial sums (no data leaves the thread in the loop).
+        # u = q / c is scaled once per program; |m_hat| / sqrt(v_hat) > threshold is tested as
+        # |m| > threshold * sqrt(c) * sqrt(v), without a division.
+        bad = (~(tl.abs(g) <= _FP32_MAX)).to(tl.float32)  # NaN or +-inf
+        hi = (tl.abs(m) > thr_bc * sqrt_v).to(tl.float32)
+        g32 = g.to(tl.float32)
+        q32 = q.to(tl.float32)
+        qa = tl.abs(q32)
         if MASKED:
-            g2 = tl.where(mask, g2, 0.0)
-            u2 = tl.where(mask, u2, 0.0)
-            ua = tl.where(mask, ua, 0.0)
+            g32 = tl.where(mask, g32, 0.0)
+            q32 = tl.where(mask, q32, 0.0)
+            qa = tl.where(mask, qa, 0.0)
             bad = tl.where(mask, bad, 0.0)
             hi = tl.where(mask, hi, 0.0)
-        gsq = tl.sum(g2, axis=0)
-        usq = tl.sum(u2, axis=0)
-        umax = tl.max(ua, axis=0)
-        nonfinite = tl.sum(bad, axis=0)
-        high = tl.sum(hi, axis=0)
+        gsq = _sum_squares(g32, BLOCK)
+        qsq = _sum_squares(q32, BLOCK)
+        qmax = _per_thread(qa, BLOCK, True)
+        nonfinite = _per_thread(bad, BLOCK, False)
+        high = _per_thread(hi, BLOCK, False)
 
     if STATE_SR or PARAM_SR:
-        # Note [rng]: counter-based (Philox): counter = (element offset lo/hi, step, tensor),
-        # key = seed. Reproducible for a seed and step, independent across elements, steps
-        # and tensors, and free of any state to save.
-        z = (offs * 0).to(tl.uint32)
-        r0, r1, _, _ = tl.philox(seed, offs.to(tl.uint32), (offs >> 32).to(tl.uint32),
-                                 z + t_u32, z + tid_u32)
+        ra, rb = _random_bits(key, base, t_u32, BLOCK, PARAM_SR)
     if STATE == tl.float32 or STATE == tl.float64:
         tl.store(m_ptrs, m, mask=mask)
         tl.store(v_ptrs, v, mask=mask)
     elif STATE_SR:
-        tl.store(m_ptrs, _round_to_bf16(m, r0 & 0xFFFF, True), mask=mask)
-        tl.store(v_ptrs, _round_to_bf16(v, r0 >> 16, True), mask=mask)
+        tl.store(m_ptrs, _round_to_bf16(m, ra & 0xFFFF, True), mask=mask)
+        tl.store(v_ptrs, _round_to_bf16(v, ra >> 16, True), mask=mask)
     else:
         tl.store(m_ptrs, _round_to_bf16(m, 0, False), mask=mask)
         tl.store(v_ptrs, _round_to_bf16(v, 0, False), mask=mask)
@@ -205,13 +299,13 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, offs,
     if PARAM == tl.float32 or PARAM == tl.float64:
         tl.store(p_ptrs, p, mask=mask)
     elif PARAM_SR:
-        tl.store(p_ptrs, _round_to_bf16(p, r1 & 0xFFFF, True), mask=mask)
+        tl.store(p_ptrs, _round_to_bf16(p, rb & 0xFFFF, True), mask=mask)
     else:
         if PARAM == tl.bfloat16:
             tl.store(p_ptrs, _rne_bf16(p), mask=mask)
         else:  # fp16: the interpreter's cast (numpy) rounds to nearest even, as the GPU does
             tl.store(p_ptrs, p.to(PARAM, fp_downcast_rounding="rtne"), mask=mask)
-    return gsq, usq, umax, nonfinite, high
+    return gsq, qsq, qmax, nonfinite, high
 
 
 @triton.jit
@@ -221,7 +315,7 @@ def _tied_adamw_kernel(
     scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
     flat_group,  # FLAT only: the tensor's row in the hyperparameter table
-    seed,  # int64 key of the rounding RNG (used when STATE_SR or PARAM_SR)
+    flat_key,  # FLAT only: the tensor's rounding stream key (Note [rng])
     tele_ptr, snr_threshold,  # fp32 [T, 5] per-tensor telemetry sums (used when TELEMETRY)
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
@@ -245,6 +339,7 @@ def _tied_adamw_kernel(
         group = flat_group
         tid = pid * 0  # one tensor: index 0 (a tensor, so it converts like the table's)
         aligned = flat_aligned
+        key = flat_key
         p_base = flat_p
         g_base = flat_g
         m_base = flat_m
@@ -257,6 +352,7 @@ def _tied_adamw_kernel(
         numel = tl.load(meta_ptr + tid)
         group = tl.load(meta_ptr + n_tensors + tid)
         aligned = tl.load(meta_ptr + 2 * n_tensors + tid)
+        key = tl.load(meta_ptr + 3 * n_tensors + tid)
         p_base = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(PARAM))
         g_base = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(PARAM))
         m_base = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(STATE))
@@ -264,32 +360,32 @@ def _tied_adamw_kernel(
         w_base = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.float32))
         step_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
 
-    # Note [loop bounds]: a program updates only the elements of its chunk that exist,
-    # rem = min(numel - start, CHUNK). A full chunk of an aligned tensor runs unmasked; the
-    # last chunk of a tensor (or a misaligned view) runs masked, and its iterations past rem
-    # skip their body. The trip count stays the constant CHUNK / BLOCK: a loop bounded by rem
-    # itself compiled to 80 registers instead of 58 for the fp32 table variant (sm_90,
-    # triton 3.9), a third fewer threads per SM.
+    # Note [loop bounds]: a program updates the elements of its chunk that exist,
+    # rem = min(numel - start, CHUNK), and no iteration touches nothing. Aligned tensors: an
+    # unmasked, hinted loop over the whole BLOCKs of rem, then one masked block for what is
+    # left (a tensor's tail). Misaligned views: a masked loop over rem. A 1,000-element tensor
+    # costs 2 iterations, not CHUNK / BLOCK.
     rem = tl.minimum(numel - start, CHUNK)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    gsq = 0.0
-    usq = 0.0
-    umax = 0.0
-    nonfinite = 0.0
-    high = 0.0
+    n_full = tl.where(aligned != 0, rem - rem % BLOCK, 0)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    gsq = tl.zeros([_THREADS], dtype=tl.float32)
+    qsq = tl.zeros([_THREADS], dtype=tl.float32)
+    qmax = tl.zeros([_THREADS], dtype=tl.float32)
+    nonfinite = tl.zeros([_THREADS], dtype=tl.float32)
+    high = tl.zeros([_THREADS], dtype=tl.float32)
     if skip:
         if TELEMETRY:
             # The grads of a skipped step are still reported (their non-finite count is why
             # the step was skipped); nothing is written.
             for i in range(0, rem, BLOCK):
-                o = offs + i
+                o = start + i + lanes
                 g = tl.load(g_base + o, mask=o < numel, other=0.0).to(tl.float32) * inv_scale
-                bad = ((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32)
-                gsq += tl.sum(g * g, axis=0)
-                nonfinite += tl.sum(bad, axis=0)
+                bad = (~(tl.abs(g) <= _FP32_MAX)).to(tl.float32)
+                gsq += _per_thread(g * g, BLOCK, False)
+                nonfinite += _per_thread(bad, BLOCK, False)
             row = tele_ptr + 5 * tid
-            tl.atomic_add(row + 0, gsq)
-            tl.atomic_add(row + 3, nonfinite)
+            tl.atomic_add(row + 0, tl.sum(gsq, axis=0))
+            tl.atomic_add(row + 3, tl.sum(nonfinite, axis=0))
         return
 
     # Per-program scalars in fp64, as torch computes them in Python floats.
@@ -300,67 +396,70 @@ def _tied_adamw_kernel(
     t32 = tl.load(step_ptr)
     t = t32.to(tl.float64)
     t_u32 = t32.to(tl.uint32)
-    tid_u32 = tid.to(tl.uint32)
     c = 1.0 - tl.exp(t * tl.log(beta))  # beta**t; beta = 0 gives exp(-inf) = 0
     step_size = (lr / c).to(COMPUTE)
-    bc_sqrt = tl.sqrt(c).to(COMPUTE)
+    if COMPUTE == tl.float64:
+        bc_sqrt = 1.0 / tl.sqrt(c)  # Note [fp64]
+    else:
+        bc_sqrt = tl.sqrt(c).to(COMPUTE)
     decay = (1.0 - lr * weight_decay).to(COMPUTE)
     one_minus_beta = (1.0 - beta).to(COMPUTE)
     beta_c = beta.to(COMPUTE)
     eps_c = eps.to(COMPUTE)
-    inv_c = (1.0 / c).to(COMPUTE)
+    inv_c = 1.0 / c
+    thr_bc = (snr_threshold * tl.sqrt(c)).to(COMPUTE)
 
-    if (aligned != 0) & (rem == CHUNK):
-        # A full chunk of an aligned tensor: unmasked, hinted 16-byte vector access.
-        for i in range(0, CHUNK, BLOCK):
-            o = offs + i
-            a, b, mx, nf, hi = _tied_adamw_block(
-                tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
-                tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
-                tl.multiple_of(w_base + o, _ALIGN), None, o,
-                decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
-                seed, t_u32, tid_u32, inv_c, snr_threshold,
-                PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False)
-            gsq += a
-            usq += b
-            umax = tl.maximum(umax, mx)
-            nonfinite += nf
-            high += hi
-    else:
-        # The last chunk of a tensor, or a misaligned view: masked, no alignment promise.
-        # Note [loop bounds]: iterations past the tensor's end skip their body.
-        for i in range(0, CHUNK, BLOCK):
-            if i < rem:
-                o = offs + i
-                a, b, mx, nf, hi = _tied_adamw_block(
-                    p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, o,
-                    decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
-                    seed, t_u32, tid_u32, inv_c, snr_threshold,
-                    PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True)
-                gsq += a
-                usq += b
-                umax = tl.maximum(umax, mx)
-                nonfinite += nf
-                high += hi
+    # Whole blocks of an aligned tensor: unmasked, hinted 16-byte-aligned vector access.
+    for i in range(0, n_full, BLOCK):
+        base = start + i
+        o = base + lanes
+        a, b, mx, nf, hi = _tied_adamw_block(
+            tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
+            tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
+            tl.multiple_of(w_base + o, _ALIGN), None, base,
+            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+            key, t_u32, thr_bc,
+            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False, BLOCK)
+        gsq += a
+        qsq += b
+        qmax = tl.maximum(qmax, mx)
+        nonfinite += nf
+        high += hi
+    # The rest: a tail of an aligned tensor, or all of a misaligned view. Masked, no promise.
+    for i in range(n_full, rem, BLOCK):
+        base = start + i
+        o = base + lanes
+        a, b, mx, nf, hi = _tied_adamw_block(
+            p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, base,
+            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+            key, t_u32, thr_bc,
+            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True, BLOCK)
+        gsq += a
+        qsq += b
+        qmax = tl.maximum(qmax, mx)
+        nonfinite += nf
+        high += hi
     if TELEMETRY:
         # Note [telemetry]: one atomic per metric per program into the tensor's row.
         row = tele_ptr + 5 * tid
-        tl.atomic_add(row + 0, gsq)
-        tl.atomic_add(row + 1, usq)
-        tl.atomic_max(row + 2, umax)
-        tl.atomic_add(row + 3, nonfinite)
-        tl.atomic_add(row + 4, high)
+        # u = q / c: sum u^2 = sum q^2 / c^2, max |u| = max |q| / c.
+        tl.atomic_add(row + 0, tl.sum(gsq, axis=0))
+        tl.atomic_add(row + 1, tl.sum(qsq, axis=0) * (inv_c * inv_c).to(tl.float32))
+        tl.atomic_max(row + 2, tl.max(qmax, axis=0) * inv_c.to(tl.float32))
+        tl.atomic_add(row + 3, tl.sum(nonfinite, axis=0))
+        tl.atomic_add(row + 4, tl.sum(high, axis=0))
 
 
 def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                       grad_scale: torch.Tensor | None = None,
                       found_inf: torch.Tensor | None = None,
-                      flat: tuple | None = None, flat_group: int = 0, seed: int = 0,
+                      flat: tuple | None = None, flat_group: int = 0, flat_key: int = 0,
                       state_sr: bool = False, param_sr: bool = False,
                       telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5) -> None:
     """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)
-    of param group ``flat_group``).
+    of param group ``flat_group``, rounding stream key ``flat_key``; a table carries each
+    tensor's group and key).
 
     The step counts must already hold t (incremented before the launch).
     """
@@ -376,7 +475,7 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                   HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
                   PARAM_SR=param_sr, TELEMETRY=telemetry is not None, CHUNK=CHUNK,
                   BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
-                  enable_fp_fusion=ENABLE_FP_FUSION)
+                  num_stages=NUM_STAGES, enable_fp_fusion=ENABLE_FP_FUSION)
     if flat is not None:
         p, g, m, v, w, step = flat
         n = p.numel()
@@ -385,7 +484,7 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
         grid = (triton.cdiv(n, CHUNK),)
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
-                                 p, g, m, v, w, step, n, aligned, flat_group, seed,
+                                 p, g, m, v, w, step, n, aligned, flat_group, flat_key,
                                  tele, snr_threshold, FLAT=True, **consts)
     else:
         if table.n_chunks == 0:
@@ -393,5 +492,5 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         grid = (table.n_chunks,)
         _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
                                  scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
-                                 seed, tele, snr_threshold, FLAT=False, **consts)
+                                 0, tele, snr_threshold, FLAT=False, **consts)
     launches += 1

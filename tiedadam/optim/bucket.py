@@ -21,7 +21,6 @@ class Bucket:
     has_master: bool
     state_sr: bool = False  # bf16 states rounded stochastically
     param_sr: bool = False  # bf16 params (no master) rounded stochastically
-    seed: int = 0  # key of the rounding RNG
     index: list[int] = field(default_factory=list)  # positions in the step's entry list
     params: list[Tensor] = field(default_factory=list)  # local tensors (DTensor unwrapped)
     grads: list[Tensor] = field(default_factory=list)
@@ -31,7 +30,7 @@ class Bucket:
     masters: list[Tensor | None] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # index in the group (rounding RNG)
+    keys: list[int] = field(default_factory=list)  # rounding stream keys (rng.py)
     names: list[str] = field(default_factory=list)  # for telemetry
     telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
     has_copies: bool = False  # some params step through working copies

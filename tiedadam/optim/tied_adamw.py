@@ -16,6 +16,7 @@ from . import plan as P
 from .bucket import Bucket
 from .plan import MASTER_KEY
 from .shards import local_tensor
+from .rng import shard_offset, stream_key
 from .torch_backend import torch_step
 
 class _Plan:
@@ -149,6 +150,20 @@ class TiedAdamW(Optimizer):
         self._tables = TableCache()
         self._hyper_dev: dict = {}
         self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
+        self._ordinals: dict[int, tuple[int, dict]] = {}  # id(group) -> (ordinal, group)
+
+    def _ordinal(self, group: dict) -> int:
+        """The group's number in the order this optimizer first saw its groups (Note [rng
+        streams] in rng.py): the index in param_groups for a plain run, the call order for
+        DeepSpeed's one-group-per-call steps. Renumbered after a load, as a fresh run numbers."""
+        seen = self._ordinals.get(id(group))
+        if seen is None or seen[1] is not group:
+            for g in (*self.param_groups, group):
+                s = self._ordinals.get(id(g))
+                if s is None or s[1] is not g:
+                    self._ordinals[id(g)] = (len(self._ordinals), g)
+            seen = self._ordinals[id(group)]
+        return seen[0]
 
     # Options that are not per-group hyperparameters travel with the object (deepcopy, pickle);
     # the per-group ones (state_dtype, seed, master_weights, ...) live in defaults and groups,
@@ -514,8 +529,7 @@ class TiedAdamW(Optimizer):
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(local.device, local.dtype, e.exp_avg.dtype,
-                                          e.master is not None, state_sr, param_sr,
-                                          key[-1])
+                                          e.master is not None, state_sr, param_sr)
             b.index.append(j)
             b.has_copies = b.has_copies or e.writeback is not None
             b.params.append(local)
@@ -525,7 +539,8 @@ class TiedAdamW(Optimizer):
             b.exp_avg_sqs.append(e.exp_avg_sq)
             b.steps.append(e.step)
             b.groups.append(e.group)
-            b.positions.append(e.position)
+            b.keys.append(stream_key(group["seed"], self._ordinal(group), e.position,
+                                     shard_offset(e.source)) if state_sr or param_sr else 0)
             b.names.append(self._param_name(e.group, e.source))
         if self.telemetry_enabled:
             for b in buckets.values():

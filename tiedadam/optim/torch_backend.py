@@ -14,23 +14,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
-def _mix(*xs: int) -> int:
-    """splitmix64 over the inputs: a well-spread 63-bit generator seed."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
+from .rng import mix
 
 
 # Note [torch rng]
-# The rounding noise of a tensor at step t comes from a generator seeded with
-# mix(seed, t, group, position in the group): a pure function of what a checkpoint holds, so a
-# resumed run rounds exactly as the uninterrupted one would (as the kernel's Philox counter
-# does), and no generator state needs saving. Reading t costs a host read of the step count:
-# free for CPU tensors, a sync for CUDA tensors stepped with backend="torch".
+# The rounding noise of a tensor at step t comes from a generator seeded with mix(key, t), key
+# the tensor's stream key (Note [rng streams] in rng.py): a pure function of what a checkpoint
+# holds, so a resumed run rounds exactly as the uninterrupted one would (as the kernel's Philox
+# counter does), and no generator state needs saving. Reading t costs a host read of the step
+# count: free for CPU tensors, a sync for CUDA tensors stepped with backend="torch".
 
 
 def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
@@ -103,7 +95,7 @@ def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
             gens = []
             for i in idx:  # one generator reseeded per tensor: consume each before the next
                 gens.append(torch.Generator(device=b.device))
-                gens[-1].manual_seed(_mix(b.seed, int(b.steps[i].item()), gi, b.positions[i]))
+                gens[-1].manual_seed(mix(b.keys[i], int(b.steps[i].item())))
         torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
                          [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
                          [b.masters[i] for i in idx], [b.steps[i] for i in idx],

@@ -66,14 +66,14 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
     if b.telemetry is not None:
         b.telemetry.zero_()
     kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, has_master=b.has_master,
-              grad_scale=scale, found_inf=inf, seed=b.seed, state_sr=b.state_sr,
+              grad_scale=scale, found_inf=inf, state_sr=b.state_sr,
               param_sr=b.param_sr, telemetry=b.telemetry, snr_threshold=snr_threshold)
     if len(b.params) == 1:
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
         # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.
         K.launch_tied_adamw(None, hyper, flat=(b.params[0], b.grads[0], b.exp_avgs[0],
                                                b.exp_avg_sqs[0], masters[0], b.steps[0]),
-                            flat_group=b.groups[0], **kw)
+                            flat_group=b.groups[0], flat_key=b.keys[0], **kw)
     else:
         roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
         # The key names a plan whose params' and states' addresses were verified this step
@@ -81,6 +81,6 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
         # re-pointed. A bucket with working copies (non-dense params) has fresh param memory
         # every step: its param addresses are compared too (a change rebuilds the table).
         watched = (K.ROLE_PARAM, K.ROLE_GRAD) if b.has_copies else (K.ROLE_GRAD,)
-        table = cache.get(key, roles, b.groups, K.N_ELEMENTWISE, K.CHUNK, b.device,
+        table = cache.get(key, roles, b.groups, b.keys, K.N_ELEMENTWISE, K.CHUNK, b.device,
                           watched=watched, volatile=(K.ROLE_GRAD,))
         K.launch_tied_adamw(table, hyper, **kw)

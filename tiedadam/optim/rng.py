@@ -1,0 +1,64 @@
+"""Which random stream each tensor's stochastic rounding draws from.
+
+Note [rng streams]
+------------------
+Stochastic rounding adds random low bits before truncating to bf16 (unbiased: E[round(x)] = x).
+Two tensors must never get the same noise at the same (element, step): correlated rounding
+errors add up instead of cancelling. So each tensor has its own 63-bit stream key,
+
+    key = mix(seed, group ordinal, position in the group, shard offset)
+
+* ``seed``: the group's ``seed`` option (``torch.initial_seed()`` by default).
+* group ordinal: the group's number in the order this optimizer first saw its groups. For a
+  plain run that is the index in ``param_groups``. DeepSpeed ZeRO steps one group per
+  ``step()`` call with ``param_groups`` swapped to a one-group list, where every group is at
+  index 0: the ordinal still tells the flat partitions apart (they are first seen in the same
+  order on every run, and after every checkpoint load, which renumbers).
+* position: the parameter's index in its group.
+* shard offset: for a DTensor (FSDP2, tensor parallel), the flat offset of the local shard in
+  the full tensor, so shards on different ranks draw different noise while replicas
+  (``Replicate`` mesh dimensions, HSDP) draw the same and stay bit-identical. A plain tensor
+  gets 0: the optimizer cannot tell a rank-local partition (ZeRO) from a replica (DDP), and
+  giving replicas different noise would make them drift apart silently, so plain tensors on
+  different ranks share a stream (each still unbiased; only ZeRO's partitions are affected).
+
+The kernel draws Philox-4x32 under that key with counter (element group, step) (Note [rng] in
+tiedadam/kernels/tied_adamw.py); the torch backend seeds a generator per tensor and step with
+mix(key, step). Both are pure functions of what a checkpoint holds: a resumed run rounds as
+the uninterrupted one, and no generator state is saved.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def mix(*xs: int) -> int:
+    """splitmix64's finaliser folded over the inputs: a well-spread 63-bit value (non-negative
+    as an int64, so it travels in an int64 table)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & _M64)) * 0xBF58476D1CE4E5B9 & _M64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _M64
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def shard_offset(t: Tensor) -> int:
+    """Flat offset of a DTensor's local shard in the full tensor (0 for a plain tensor)."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
+    strides = [math.prod(t.shape[d + 1:]) for d in range(len(t.shape))]
+    return sum(int(o) * s for o, s in zip(offset, strides))
+
+
+def stream_key(seed: int, ordinal: int, position: int, shard: int) -> int:
+    """The tensor's stream key (Note [rng streams])."""
+    return mix(seed, ordinal, position, shard)

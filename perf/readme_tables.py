@@ -40,13 +40,21 @@ def kernel_table(rel="perf/results/kernel_report.json") -> str:
     d = _load(rel)
     if d is None:
         return f"*(no results file `{rel}` yet)*"
-    lines = ["| variant | registers | spill bytes | widest load | widest store | 128-bit loads / stores |",
-             "|---|---:|---:|---:|---:|---:|"]
+    short = {"param": "p", "grad": "g", "exp_avg": "m", "exp_avg_sq": "v", "master": "w"}
+    lines = ["| variant | registers | threads/SM | spill bytes | instructions/element (budget) "
+             "| shared-memory ops in loop | access bits per role | targets |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for v in d["variants"]:
-        lines.append(f"| {v['name']} | {v['registers']} | {v['spill_bytes']} | "
-                     f"{v['widest_load']} | {v['widest_store']} | "
-                     f"{v['loads'].get('LDG.E.128', 0)} / {v['stores'].get('STG.E.128', 0)} |")
-    return "\n".join(lines) + f"\n\n*{d['what']}; torch {d['versions']['torch']}, triton {d['versions']['triton']}.*"
+        loop = v["loop"]
+        widths = " ".join(f"{short[k]}{b}" for k, b in loop["role_bits"].items())
+        met = "met" if not v["misses"] else "missed: " + "; ".join(v["misses"])
+        lines.append(f"| {v['name']} | {v['registers']} | {v['threads_per_sm']} | "
+                     f"{v['spill_bytes']} | {loop['instructions_per_element']} "
+                     f"({v['instr_budget']}) | {sum(loop['shared'].values())} | {widths} | "
+                     f"{met} |")
+    return "\n".join(lines) + (f"\n\n*{d['what']}; torch {d['versions']['torch']}, "
+                               f"triton {d['versions']['triton']}. Hot loop: the SASS loop over "
+                               f"whole blocks, fast path (perf/sass.py, Note [hot loop]).*")
 
 
 def step_table(rel) -> str:

@@ -21,7 +21,9 @@ def _rne_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 
 def hard_values():
-    """Random values over the whole exponent range plus every rounding edge case."""
+    """Random values over the whole exponent range plus every rounding edge case. NaNs as
+    arithmetic produces them (the kernel rounds arithmetic results, Note [bf16 rounding]):
+    quiet, the GPU's canonical 0x7FFFFFFF, torch's 0x7FC00000 and x86's default 0xFFC00000."""
     rnd = torch.randint(0, 2 ** 32, (20000,), dtype=torch.int64)
     x = (rnd - 2 ** 31).to(torch.int32).view(torch.float32)  # every bit pattern equally likely
     base = torch.randint(0, 2 ** 15, (2000,), dtype=torch.int32) << 16
@@ -29,7 +31,11 @@ def hard_values():
     edges = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"),
                           3.4028234663852886e38, -3.4028234663852886e38, 1e-45, -1e-45,
                           1.1754943508222875e-38, 1.0, -1.0])
-    return torch.cat([x, ties.view(torch.float32), edges])
+    quiet = torch.tensor([0x7FFFFFFF, 0x7FC00000, -0x400000], dtype=torch.int32)  # 0xFFC00000
+    bits = torch.cat([x.view(torch.int32), ties, edges.view(torch.int32), quiet])
+    nan = torch.isnan(bits.view(torch.float32))
+    bits[nan] = quiet[torch.randint(0, 3, (int(nan.sum()),))]  # NaNs made quiet
+    return bits.view(torch.float32)
 
 
 def test_rne_matches_torch_bit_for_bit():
@@ -38,7 +44,9 @@ def test_rne_matches_torch_bit_for_bit():
     _rne_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     ref = x.to(torch.bfloat16)
     nan = torch.isnan(x)
-    assert torch.isnan(y[nan]).all() and (y[nan].view(torch.int16) == 0x7FC0).all()
+    positive = x.view(torch.int32) > 0
+    assert torch.isnan(y[nan]).all()
+    assert (y[nan & positive].view(torch.int16) == 0x7FC0).all()  # canonical, as torch
     assert torch.equal(y[~nan].view(torch.int16), ref[~nan].view(torch.int16))
 
 
@@ -69,3 +77,32 @@ def test_kernel_writes_round_to_nearest_even(mode):
             # the same fp32 value rounded: equal bits wherever the fp32 math agrees
             same = (sa.view(torch.int16) == sb.view(torch.int16)).float().mean()
             assert same > 0.999, (k, same)
+
+
+@triton.jit
+def _sr_kernel(x_ptr, r_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    r16 = tl.load(r_ptr + offs, mask=mask).to(tl.uint32, bitcast=True)
+    y = K._round_to_bf16(tl.load(x_ptr + offs, mask=mask), r16, True)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def test_stochastic_rounding_rounds_down_or_up_and_keeps_nan_and_inf():
+    """Stochastic: the result is x truncated, or truncated plus one bf16 ulp; NaN stays NaN
+    (the GPU's canonical 0x7FFFFFFF plus noise once carried into the sign bit: -0.0), inf
+    stays inf."""
+    x = hard_values()
+    r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)
+    r[: x.numel() // 8] = 0xFFFF  # the largest noise, where a carry would reach the sign
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _sr_kernel[(triton.cdiv(x.numel(), 1024),)](x, r, y, x.numel(), BLOCK=1024)
+    nan = torch.isnan(x)
+    assert torch.isnan(y[nan]).all()
+    inf = torch.isinf(x)
+    assert torch.equal(y[inf].float(), x[inf])
+    bits = x[~nan].view(torch.int32)
+    down = (bits >> 16).to(torch.int16)
+    got = y[~nan].view(torch.int16)
+    carry = ((bits & 0xFFFF) + r[~nan]) >> 16  # the noise decides: exactly this rounds up
+    assert torch.equal(got, (down + carry.to(torch.int16)))

@@ -84,18 +84,23 @@ launches = 0
 
 @triton.jit
 def _rne_bf16(x):
-    """fp32 -> bf16, round to nearest even, with integer operations.
+    """fp32 -> bf16, round to nearest even, with integer operations, for arithmetic results.
 
     Note [bf16 rounding]: the Triton interpreter truncates fp32->bf16 casts whatever
     ``fp_downcast_rounding`` says, so a cast would give the GPU and the CPU tests different
     bits. Rounding the bits ourselves gives both the same, so CPU tests check it exactly:
-    add 0x7FFF plus the lowest kept bit (ties go to even), keep the high half; NaN becomes the
-    canonical quiet NaN 0x7FC0, as torch's ``.to(torch.bfloat16)`` gives. A memory-bound loop
-    has the issue slots for the four integer operations."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+    add 0x7FFF plus the lowest kept bit (ties go to even), keep the high half. NaN: the
+    values rounded here are results of arithmetic, whose NaNs are quiet; a signed minimum with
+    0x7FC00000 first makes every positive one (the GPU's is always 0x7FFFFFFF) the canonical
+    0x7FC00000, so the result is 0x7FC0 as torch's ``.to(torch.bfloat16)`` gives, where adding
+    to 0x7FFFFFFF would carry into the sign bit. (A negative quiet NaN, x86's default NaN in
+    the interpreter, stays a negative NaN.) One integer minimum instead of a float compare and
+    a select on each value: the bf16-state loop needs 4 instructions per value, not 6."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.minimum(bits, 0x7FC00000)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
     # the high halves: packing two of them into a register is one PRMT, the shift is free
-    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return (rounded >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -104,8 +109,10 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
     E[round(x)] = x (unbiased); the result is exact in bf16, so no cast rounding is involved.
     Otherwise round to nearest even (Note [bf16 rounding])."""
     if STOCHASTIC:
-        bits = x.to(tl.uint32, bitcast=True) + r16
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        # NaN: the same minimum as _rne_bf16 keeps the GPU's 0x7FFFFFFF from carrying into
+        # the sign bit (it would become -0.0).
+        bits = tl.minimum(x.to(tl.int32, bitcast=True), 0x7FC00000) + r16.to(tl.int32)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return _rne_bf16(x)
 
@@ -211,8 +218,8 @@ def _div(x, y, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
-                      decay, one_minus_beta, beta, step_size, bc_sqrt, eps, inv_scale,
-                      key, t_u32, thr_bc,
+                      decay, one_minus_beta, beta, lerp_coef, step_size, bc_sqrt, eps,
+                      inv_scale, key, t_u32, thr_bc,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
                       HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
                       TELEMETRY: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
@@ -242,12 +249,12 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
     v = tl.load(v_ptrs, mask=mask).to(COMPUTE)
 
     p = p * decay
-    # torch's lerp_(g, w) with w = 1 - beta, both of its branches: exact at w = 1 (beta = 0)
+    # torch's lerp_(g, w) with w = 1 - beta, both of its branches: m + w*(g - m) for w < 0.5,
+    # else g - (g - m)*beta (exact at w = 1, beta = 0). Written as base + coef*d with coef = w
+    # or -beta (g + d*(-beta) is g - d*beta bit for bit): one multiply-add and a select per
+    # element, where two branches if-converted cost both.
     d = g - m
-    if one_minus_beta < 0.5:
-        m = m + one_minus_beta * d
-    else:
-        m = g - d * beta
+    m = tl.where(one_minus_beta < 0.5, m, g) + lerp_coef * d
     v = v * beta + one_minus_beta * g * g
     sqrt_v = _sqrt(v, COMPUTE)
     if COMPUTE == tl.float64:
@@ -405,19 +412,29 @@ def _tied_adamw_kernel(
     decay = (1.0 - lr * weight_decay).to(COMPUTE)
     one_minus_beta = (1.0 - beta).to(COMPUTE)
     beta_c = beta.to(COMPUTE)
+    lerp_coef = tl.where(one_minus_beta < 0.5, one_minus_beta, -beta_c)
     eps_c = eps.to(COMPUTE)
     inv_c = 1.0 / c
     thr_bc = (snr_threshold * tl.sqrt(c)).to(COMPUTE)
 
     # Whole blocks of an aligned tensor: unmasked, hinted 16-byte-aligned vector access.
-    for i in range(0, n_full, BLOCK):
+    # Pointers move to the chunk's start once: in the loops, offsets are int32 (< CHUNK) and
+    # each address is one widening multiply-add, not a 64-bit add.
+    p_c = p_base + start
+    g_c = g_base + start
+    m_c = m_base + start
+    v_c = v_base + start
+    w_c = w_base + start
+    rem32 = rem.to(tl.int32)
+    lanes32 = tl.arange(0, BLOCK)
+    for i in range(0, n_full.to(tl.int32), BLOCK):
         base = start + i
-        o = base + lanes
+        o = i + lanes32
         a, b, mx, nf, hi = _tied_adamw_block(
-            tl.multiple_of(p_base + o, _ALIGN), tl.multiple_of(g_base + o, _ALIGN),
-            tl.multiple_of(m_base + o, _ALIGN), tl.multiple_of(v_base + o, _ALIGN),
-            tl.multiple_of(w_base + o, _ALIGN), None, base,
-            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+            tl.multiple_of(p_c + o, _ALIGN), tl.multiple_of(g_c + o, _ALIGN),
+            tl.multiple_of(m_c + o, _ALIGN), tl.multiple_of(v_c + o, _ALIGN),
+            tl.multiple_of(w_c + o, _ALIGN), None, base,
+            decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
             key, t_u32, thr_bc,
             PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False, BLOCK)
         gsq += a
@@ -426,12 +443,12 @@ def _tied_adamw_kernel(
         nonfinite += nf
         high += hi
     # The rest: a tail of an aligned tensor, or all of a misaligned view. Masked, no promise.
-    for i in range(n_full, rem, BLOCK):
+    for i in range(n_full.to(tl.int32), rem32, BLOCK):
         base = start + i
-        o = base + lanes
+        o = i + lanes32
         a, b, mx, nf, hi = _tied_adamw_block(
-            p_base + o, g_base + o, m_base + o, v_base + o, w_base + o, o < numel, base,
-            decay, one_minus_beta, beta_c, step_size, bc_sqrt, eps_c, inv_scale,
+            p_c + o, g_c + o, m_c + o, v_c + o, w_c + o, o < rem32, base,
+            decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
             key, t_u32, thr_bc,
             PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True, BLOCK)
         gsq += a

@@ -11,7 +11,6 @@ to hundreds."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

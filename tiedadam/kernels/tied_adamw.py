@@ -58,7 +58,23 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 # every role shares one register layout. Giving each thread 16 bytes of the *narrowest* dtype
 # instead (8 elements with bf16) made fp32 roles need a second layout: every block went
 # through shared memory (convert_layout) and the mixed-precision variants used 148-178
-# registers; at 4 elements they use 40-79 (perf/kernel_report.py).
+# registers; at 4 elements none moves data between threads in the loop (perf/kernel_report.py).
+#
+# Note [registers]
+# A memory-bound loop needs loads in flight, so occupancy: at most 64 registers per thread
+# keeps 1,024 threads (32 warps) per SM at 4 warps per program. ``maxnreg`` makes ptxas hold
+# every variant to that; the kernel report checks that none spills for it.
+#
+# Note [no pipelining]
+# ``num_stages=1``: Triton's software pipeliner would stage the loop's loads through shared
+# memory (cp.async) to overlap iterations; an elementwise loop has nothing to overlap them with
+# and it cost registers (a loop bounded by the chunk's element count compiled to 80).
+#
+# Note [fp64]
+# fp64 params step in fp64. The one bias-correction division per element, sqrt(v) / sqrt(c),
+# becomes a multiplication by 1 / sqrt(c) computed once per program: within an ulp of torch's
+# division (the fp64 tests compare at rtol 1e-12), and an fp64 division is ~15 instructions.
+# fp32 keeps torch's division, bit for bit.
 CHUNK = 65536
 NUM_WARPS = 4
 _THREADS = tl.constexpr(32 * NUM_WARPS)
@@ -492,7 +508,7 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                   HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
                   PARAM_SR=param_sr, TELEMETRY=telemetry is not None, CHUNK=CHUNK,
                   BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
-                  num_stages=NUM_STAGES, enable_fp_fusion=ENABLE_FP_FUSION)
+                  num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, enable_fp_fusion=ENABLE_FP_FUSION)
     if flat is not None:
         p, g, m, v, w, step = flat
         n = p.numel()

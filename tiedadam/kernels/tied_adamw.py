@@ -24,6 +24,12 @@ sum g^2, sum u^2 and max |u| for u = m_hat / (sqrt(v_hat) + eps) (the update bef
 the count of non-finite grads, and the count of elements with |m_hat| / sqrt(v_hat) above a
 threshold (high signal-to-noise). Each goes to the tensor's row of an fp32 [T, 5] buffer with
 one atomic per program. Tied betas bound |u| <= |m_hat| / sqrt(v_hat) <= 1.
+In the loop each thread keeps its own partial sums in registers (squares as fused
+multiply-adds; telemetry is not bound to torch's rounding); they are reduced across threads
+once per program. u = q / c with q = m / (sqrt(v) / sqrt(c) + eps) the kernel's own
+quotient, so sums of q^2 and max |q| are scaled by 1/c once; the high-SNR test
+|m| / (sqrt(c) sqrt(v)) > threshold is made as |m| > threshold * sqrt(c) * sqrt(v), without a
+division (equal but at rounding boundaries).
 """
 
 from __future__ import annotations

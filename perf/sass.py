@@ -104,7 +104,8 @@ def compile_cubin(param, state, master, scale, flat, state_sr=False, param_sr=Fa
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
            "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
            "flat_numel": "i64", "flat_aligned": "i32", "flat_group": "i32",
-           "flat_key": "i64", "tele_ptr": "*fp32", "snr_threshold": "fp32"}
+           "flat_key": "i64", "tele_ptr": "*fp32", "snr_threshold": "fp32",
+           "ticket_ptr": "*i32"}
     consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
                   HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, TELEMETRY=telemetry,
                   FLAT=flat, CHUNK=K.CHUNK, BLOCK=K.block_for(param, state))

@@ -117,7 +117,9 @@ def test_chunks_are_int64_beyond_2_31():
     idx, starts = ch
     assert idx.tolist().count(2) == 2 ** 11 + 1
     assert starts[idx == 2][-1].item() == 2 ** 31
-    assert idx.tolist()[:1] == [0] and idx.tolist()[-1] == 3 and 1 not in idx.tolist()
+    assert idx.tolist()[:1] == [0] and idx.tolist()[-1] == 3
+    # the empty tensor gets one empty chunk: its program bumps the step count (Note [step counts])
+    assert idx.tolist().count(1) == 1 and starts[idx == 1].tolist() == [0]
 
 
 def test_kernel_offsets_beyond_2_31_elements():
@@ -128,18 +130,45 @@ def test_kernel_offsets_beyond_2_31_elements():
     far = 2 ** 31
     p, g = torch.randn(n), torch.randn(n)
     m, v = torch.randn(n) * 0.1, torch.rand(n)
-    step = torch.tensor(3.0)
+    step = torch.tensor(2.0)  # the count before the step: the kernel steps with t = 3
     expect = ref_step(p, g, m, v, 3, lr=1e-2, beta=0.9, eps=1e-8, weight_decay=0.1)
     shift = far * 4
     ptrs = [x.data_ptr() - shift for x in (p, g, m, v, p)] + [step.data_ptr()]
     table = SimpleNamespace(
         addr=torch.tensor(ptrs, dtype=torch.int64).reshape(6, 1),
-        meta=torch.tensor([[far + n], [0], [1]], dtype=torch.int64),
+        meta=torch.tensor([[far + n], [0], [1], [0]], dtype=torch.int64),
         chunk=torch.tensor([[0, 0], [far, far + K.CHUNK]], dtype=torch.int64),
         n_tensors=1, n_chunks=2)
     hyper = torch.tensor([[1e-2, 0.9, 1e-8, 0.1]], dtype=torch.float64)
+    tickets = torch.zeros(1, dtype=torch.int32)
     K.launch_tied_adamw(table, hyper, param_dtype=torch.float32, state_dtype=torch.float32,
-                        has_master=False)
+                        has_master=False, tickets=tickets)
+    # Only the last 2 of the tensor's 32,769 chunks ran: 2 tickets drawn, the count not yet
+    # stored (Note [step counts]: the last of all its programs stores it).
+    assert tickets.tolist() == [2] and step.item() == 2.0
     assert_close(p, expect[0])
     assert_close(m, expect[1])
     assert_close(v, expect[2])
+
+
+def test_kernel_counts_each_tensors_step_once():
+    """Note [step counts]: the kernel bumps state["step"] once per tensor per step, however many
+    programs the tensor has (here 3 chunks), also for an empty tensor (as torch counts it), and
+    leaves its ticket buffer zeroed for the next launch; no foreach op on the host."""
+    from tiedadam import TiedAdamW
+    sizes = [0, 10, 2 * K.CHUNK + 3]
+    ours = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = TiedAdamW(ours, lr=1e-2, beta=0.9, backend="triton")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.9))
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert opt.state[a]["step"].item() == ref.state[b]["step"].item() == 3.0
+        torch.testing.assert_close(a, b)  # stepped with t = 1, 2, 3
+    (_, bucket), = opt._plans[next(iter(opt._plans))].buckets
+    assert bucket.tickets.tolist() == [0, 0, 0]

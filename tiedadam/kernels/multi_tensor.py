@@ -59,9 +59,10 @@ def upload(host: Tensor, device: torch.device) -> Tensor:
 def build_chunks(numels: Tensor, chunk: int) -> Tensor:
     """int64 [2, C]: (tensor index, start) for every CHUNK-sized piece of every tensor.
 
-    Vectorised: no Python loop over tensors or chunks. Empty tensors get no chunk.
+    Vectorised: no Python loop over tensors or chunks. An empty tensor gets one (empty) chunk:
+    its program still has per-tensor work to do (the step count).
     """
-    counts = (numels + (chunk - 1)) // chunk
+    counts = ((numels + (chunk - 1)) // chunk).clamp(min=1)
     total = int(counts.sum())
     tensor_idx = torch.repeat_interleave(torch.arange(numels.numel(), dtype=torch.int64), counts)
     first_chunk = torch.cumsum(counts, 0) - counts  # exclusive prefix sum

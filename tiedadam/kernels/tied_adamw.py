@@ -76,6 +76,17 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 # memory (cp.async) to overlap iterations; an elementwise loop has nothing to overlap them with
 # and it cost registers (a loop bounded by the chunk's element count compiled to 80).
 #
+# Note [step counts]
+# The kernel bumps each tensor's step count (torch's state["step"], a one-element fp32 tensor
+# the address table points at): no per-step foreach op on the host. Every program of a tensor
+# reads the count at its start and uses t = count + 1; at its end it takes a ticket (an atomic
+# add on the tensor's slot of a zeroed int32 buffer), and the program that draws the last
+# ticket, cdiv(numel, CHUNK) - 1, stores t and resets the slot to 0 for the next launch. The
+# last program to take a ticket is the last to finish, so every program of the tensor has read
+# the count before it changes. An empty tensor has one program (it still counts a step, as
+# torch.optim.AdamW counts one). An AMP step with found_inf returns before any of this: the
+# count stays.
+#
 # Note [fp64]
 # fp64 params step in fp64. The one bias-correction division per element, sqrt(v) / sqrt(c),
 # becomes a multiplication by 1 / sqrt(c) computed once per program: within an ulp of torch's
@@ -346,6 +357,7 @@ def _tied_adamw_kernel(
     flat_group,  # FLAT only: the tensor's row in the hyperparameter table
     flat_key,  # FLAT only: the tensor's rounding stream key (Note [rng])
     tele_ptr, snr_threshold,  # fp32 [T, 5] per-tensor telemetry sums (used when TELEMETRY)
+    ticket_ptr,  # int32 [T] zeros: programs of each tensor that finished (Note [step counts])
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
     TELEMETRY: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -422,7 +434,7 @@ def _tied_adamw_kernel(
     beta = tl.load(hyper_ptr + 4 * group + 1)
     eps = tl.load(hyper_ptr + 4 * group + 2)
     weight_decay = tl.load(hyper_ptr + 4 * group + 3)
-    t32 = tl.load(step_ptr)
+    t32 = tl.load(step_ptr) + 1.0  # this step's count (Note [step counts])
     t = t32.to(tl.float64)
     t_u32 = t32.to(tl.uint32)
     c = 1.0 - tl.exp(t * tl.log(beta))  # beta**t; beta = 0 gives exp(-inf) = 0
@@ -478,6 +490,11 @@ def _tied_adamw_kernel(
         qmax = tl.maximum(qmax, mx)
         nonfinite += nf
         high += hi
+    # Note [step counts]: the last of the tensor's programs to finish stores t.
+    ticket = tl.atomic_add(ticket_ptr + tid, 1)
+    if ticket == tl.maximum(tl.cdiv(numel, CHUNK), 1) - 1:
+        tl.store(step_ptr, t32)
+        tl.store(ticket_ptr + tid, 0)
     if TELEMETRY:
         # Note [telemetry]: one atomic per metric per program into the tensor's row.
         row = tele_ptr + 5 * tid
@@ -495,12 +512,14 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       found_inf: torch.Tensor | None = None,
                       flat: tuple | None = None, flat_group: int = 0, flat_key: int = 0,
                       state_sr: bool = False, param_sr: bool = False,
-                      telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5) -> None:
+                      telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5,
+                      tickets: torch.Tensor) -> None:
     """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)
     of param group ``flat_group``, rounding stream key ``flat_key``; a table carries each
     tensor's group and key).
 
-    The step counts must already hold t (incremented before the launch).
+    The step counts hold the count before this step; the kernel increments them (Note [step
+    counts]). ``tickets``: int32 zeros, one per tensor (the kernel leaves them zero).
     """
     global launches
     has_scale = grad_scale is not None
@@ -518,18 +537,14 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     if flat is not None:
         p, g, m, v, w, step = flat
         n = p.numel()
-        if n == 0:
-            return
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
-        grid = (triton.cdiv(n, CHUNK),)
+        grid = (max(triton.cdiv(n, CHUNK), 1),)  # an empty tensor still counts its step
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
                                  p, g, m, v, w, step, n, aligned, flat_group, flat_key,
-                                 tele, snr_threshold, FLAT=True, **consts)
+                                 tele, snr_threshold, tickets, FLAT=True, **consts)
     else:
-        if table.n_chunks == 0:
-            return
         grid = (table.n_chunks,)
         _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
                                  scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
-                                 0, tele, snr_threshold, FLAT=False, **consts)
+                                 0, tele, snr_threshold, tickets, FLAT=False, **consts)
     launches += 1

@@ -33,6 +33,7 @@ class Bucket:
     keys: list[int] = field(default_factory=list)  # rounding stream keys (rng.py)
     names: list[str] = field(default_factory=list)  # for telemetry
     telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
+    tickets: Tensor | None = None  # int32 [T] zeros for the kernel's step counts (triton)
     has_copies: bool = False  # some params step through working copies
     base_params: list | None = None  # params outside a step (copies: the build step's, unused)
 

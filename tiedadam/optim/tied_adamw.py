@@ -542,9 +542,11 @@ class TiedAdamW(Optimizer):
             b.keys.append(stream_key(group["seed"], self._ordinal(group), e.position,
                                      shard_offset(e.source)) if state_sr or param_sr else 0)
             b.names.append(self._param_name(e.group, e.source))
-        if self.telemetry_enabled:
-            for b in buckets.values():
+        for k, b in buckets.items():
+            if self.telemetry_enabled:
                 b.telemetry = torch.zeros(len(b.params), 5, device=b.device)
+            if k[4] == "triton":
+                b.tickets = torch.zeros(len(b.params), dtype=torch.int32, device=b.device)
         return [(k[4], b) for k, b in buckets.items()]
 
     @torch.no_grad()
@@ -591,9 +593,6 @@ class TiedAdamW(Optimizer):
             else:
                 torch_step(b, groups, grad_scale=grad_scale,
                            found_inf=found_inf, snr_threshold=self.snr_threshold)
-            if found_inf is not None:  # AMP: a skipped step does not count, on either backend
-                inf = found_inf.to(b.device, torch.float32, non_blocking=True)
-                torch._foreach_sub_(b.steps, [inf] * len(b.steps))
             b.release()  # the grads belong to the user (zero_grad frees them)
         for j, (work, grad_out) in special.items():
             e = plan.entries[j]

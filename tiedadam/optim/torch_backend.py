@@ -115,6 +115,8 @@ def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
                 rows[:, 1:3] *= (inf == 0)
                 rows[:, 4] *= (inf == 0)
             b.telemetry[idx] = rows
+    if inf is not None:  # AMP: a skipped step does not count
+        torch._foreach_sub_(b.steps, [inf] * len(b.steps))
 
 
 def per_device(grad_scale, found_inf, device):

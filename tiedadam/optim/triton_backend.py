@@ -1,9 +1,9 @@
 """TiedAdamW through the Triton multi-tensor kernel: one launch per (device, param dtype,
 state dtype, master) bucket per step, across all param groups.
 
-Per step the host does: refresh the per-group hyperparameter table (G rows), bump the step
-counts (one foreach op per bucket, as torch's fused AdamW does), look the tensor table up in
-the cache (address comparisons only, Note [table cache]) and launch. No host-device sync.
+Per step the host does: refresh the per-group hyperparameter table (G rows), look the tensor
+table up in the cache (address comparisons only, Note [table cache]) and launch; the kernel
+bumps the step counts. No host-device sync.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ _HYPER_KEYS = ("lr", "beta", "eps", "weight_decay")
 def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) -> Tensor:
     """fp64 [G, 4] (lr, beta, eps, weight_decay) on ``device``, without a host-device sync.
 
-    Host floats: built on the host and uploaded through pinned memory (one small copy).
+    Host floats: a device table kept per (device, groups) and rewritten, through pinned memory
+    in one small copy, only when a value changed (a scheduler changing lr every step costs one
+    such copy per step; constant hyperparameters cost a comparison of G tuples). The copy is
+    ordered on the stream after the kernels that read the previous values.
     Capturable groups or an lr that is a device tensor: a persistent device table whose lr
     column is refreshed by device-side copies (captured by a CUDA graph, so a changing lr tensor
     is seen on every replay); the other columns are rewritten only when their host value changes.
@@ -33,9 +36,22 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
     device_side = any(g.get("capturable") or (isinstance(g["lr"], Tensor)
                                               and g["lr"].device.type != "cpu") for g in groups)
     if not device_side:
-        host = torch.tensor([[float(g[k]) for k in _HYPER_KEYS] for g in groups],
-                            dtype=torch.float64)
-        return upload(host, device)
+        rows = tuple((float(g["lr"]), float(g["beta"]), float(g["eps"]), float(g["weight_decay"]))
+                     for g in groups)
+        key = (device, tuple(id(g) for g in groups))
+        entry = persistent.get(key)
+        if entry is None or entry[1] != rows:
+            host = torch.tensor(rows, dtype=torch.float64)
+            if entry is None:
+                table = upload(host, device)
+            else:
+                table = entry[0]
+                table.copy_(host.pin_memory() if device.type == "cuda" else host,
+                            non_blocking=True)
+            if len(persistent) > 64:  # DeepSpeed: one entry per swapped-in group (list)
+                persistent.clear()
+            persistent[key] = entry = (table, rows, groups)  # groups held: ids stay unique
+        return entry[0]
     entry = persistent.get(device)
     if entry is None or entry[0].shape[0] != len(groups):
         entry = persistent[device] = (torch.zeros(len(groups), 4, dtype=torch.float64,
@@ -58,8 +74,8 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
 def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCache,
                 persistent_hyper: dict, *, grad_scale: Tensor | None = None,
                 found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> None:
-    """One launch for bucket ``b``, whose tensors were verified this step (plan.py)."""
-    torch._foreach_add_(b.steps, 1.0)
+    """One launch for bucket ``b``, whose tensors were verified this step (plan.py). The kernel
+    bumps the step counts (Note [step counts] in the kernel): no foreach op here."""
     hyper = hyper_table(groups, b.device, persistent_hyper)
     masters = b.masters if b.has_master else b.params
     scale, inf = per_device(grad_scale, found_inf, b.device)
@@ -67,7 +83,8 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
         b.telemetry.zero_()
     kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, has_master=b.has_master,
               grad_scale=scale, found_inf=inf, state_sr=b.state_sr,
-              param_sr=b.param_sr, telemetry=b.telemetry, snr_threshold=snr_threshold)
+              param_sr=b.param_sr, telemetry=b.telemetry, snr_threshold=snr_threshold,
+              tickets=b.tickets)
     if len(b.params) == 1:
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
         # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.

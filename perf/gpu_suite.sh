@@ -39,7 +39,8 @@ run() {  # run NAME BUDGET_S CMD...: log to OUTDIR/NAME.log, one summary line pe
 cat "$OUT/machine.txt"
 
 run gpu_tests     150 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_deepspeed.py
-run kernel_report  40 $PY perf/kernel_report.py --out "$OUT"
+run kernel_report  70 $PY perf/kernel_report.py --out "$OUT"
+run bench_host     40 $PY perf/bench_host.py --out "$OUT" --real-launch --iters 100
 run bench_step    110 $PY perf/bench_step.py --out "$OUT" --iters 20 \
     --providers tiedadam,tiedadam-telemetry,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,torch-foreach,torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
 run bench_compiled 150 $PY perf/bench_step.py --out "$OUT" --tag compiled --workloads llama --providers torch-compiled,torch-fused

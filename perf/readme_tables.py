@@ -144,6 +144,25 @@ def train_table(*rels) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"*{n}*" for n in notes)
 
 
+def host_table(rel) -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    lines = ["| workload | kind | launch | tensors | host µs per step |",
+             "|---|---|---|---:|---:|"]
+    for r in d["results"]:
+        lines.append(f"| {r['workload']} | {r['kind']} | {r['launch']} | {r['tensors']} | "
+                     f"{r['median_us']:,.1f} |")
+    lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
+    for k, v in d["ratios"].items():
+        lines.append(f"| {k} | {v:.2f} | {d['goals'].get(k, '–')} |")
+    m = d["machine"]
+    gpu = m.get("gpu") or {}
+    where = gpu.get("name") or f"CPU: {m['host_cpu']}, {m['cpu_cores']} cores, no GPU"
+    return ("\n".join(lines) + f"\n\n*Machine: {where}; torch {d['versions']['torch']}, "
+            f"triton {d['versions']['triton']}, written {d['written']}.*")
+
+
 GPU = "perf/results/h200"
 
 BLOCKS = {
@@ -151,6 +170,7 @@ BLOCKS = {
     "precision_study": precision_table,
     "cpu_offload": offload_table,
     "kernel_report": kernel_table,
+    "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
     "gpu_step": lambda: step_table(f"{GPU}/bench_step.json"),
     "gpu_step_peers": lambda: (step_table(f"{GPU}/bench_step_ds.json") + "\n\n"

@@ -83,6 +83,19 @@ def test_bench_offload_smallest(tmp_path):
         assert abs(r["bandwidth_Bps"] * r["median_s"] - 28 * 100000) < 1
 
 
+def test_bench_host_smallest(tmp_path):
+    run_script("bench_host.py", "--params", "20", "--iters", "5", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "bench_host.json"))
+    kinds = {(r["workload"], r["kind"]) for r in data["results"]}
+    assert {("flat", "tiedadam"), ("table-fresh", "tiedadam"), ("table-kept", "tiedadam"),
+            ("groups", "tiedadam"), ("table-fresh", "floor"), ("flat", "empty-step"),
+            ("table-fresh", "torch-fused"), ("flat", "torch-fused")} <= kinds
+    assert all(r["median_us"] > 0 and r["launch"] == "no-op" for r in data["results"])
+    assert set(data["ratios"]) >= {"table_fresh_over_floor", "flat_above_empty_step_us",
+                                   "torch_fused_over_table_fresh", "torch_fused_over_flat"}
+    assert (tmp_path / "bench_host.png").stat().st_size > 0
+
+
 def test_bench_memory_smallest(tmp_path):
     run_script("bench_memory.py", "--scale", "0.0005", "--providers",
                "tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,torch-fused,bnb-adamw8bit",

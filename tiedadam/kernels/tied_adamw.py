@@ -34,6 +34,8 @@ division (equal but at rounding boundaries).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -99,8 +101,9 @@ NUM_STAGES = 1  # Note [no pipelining]
 MAX_REGISTERS = 64  # Note [registers]
 
 
+@functools.lru_cache(maxsize=None)
 def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
-    widest = max(torch.empty((), dtype=d).element_size() for d in (param_dtype, state_dtype))
+    widest = max(d.itemsize for d in (param_dtype, state_dtype))
     return min(4, 16 // widest) * 32 * NUM_WARPS
 
 
@@ -538,7 +541,7 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
         p, g, m, v, w, step = flat
         n = p.numel()
         aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
-        grid = (max(triton.cdiv(n, CHUNK), 1),)  # an empty tensor still counts its step
+        grid = (max(-(-n // CHUNK), 1),)  # an empty tensor still counts its step
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
                                  p, g, m, v, w, step, n, aligned, flat_group, flat_key,
                                  tele, snr_threshold, tickets, FLAT=True, **consts)

@@ -134,6 +134,8 @@ OPTION_DEFAULTS = dict(capturable=False, maximize=False, master_weights=False,
 
 def _flag(group: dict, key: str, where: str) -> None:
     v = group[key]
+    if v is True or v is False:  # the steady state: nothing to normalise, nothing written
+        return
     if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
         raise TypeError(f"{where}{key} must be True or False, got {v!r}")
     group[key] = bool(v)
@@ -162,14 +164,20 @@ def check_group(group: dict, where: str = "") -> None:
                          f"minimise the negated objective instead")
     # Stored by name: state dicts hold only strings, numbers and tensors (DCP's state-dict
     # utilities refuse a torch.dtype value in a param group).
+    # Normalised values are written only when they differ: this runs at every step.
     state_dtype = check_state_dtype(group["state_dtype"], where)
-    group["state_dtype"] = dtype_name(state_dtype)
+    name = dtype_name(state_dtype)
+    if group["state_dtype"] != name:
+        group["state_dtype"] = name
     check_beta_for_state(beta, state_dtype, where)
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{where}seed must be an int, got {type(seed).__name__}: {seed!r}")
-    group["seed"] = int(seed) % (2 ** 63)
-    group["beta"], group["betas"] = beta, (beta, beta)
+    if type(seed) is not int or not 0 <= seed < 2 ** 63:
+        group["seed"] = int(seed) % (2 ** 63)
+    b = group.get("beta")
+    if type(b) is not float or b != beta or group.get("betas") != (beta, beta):
+        group["beta"], group["betas"] = beta, (beta, beta)
 
 
 class TiedGroup(dict):

@@ -1,0 +1,215 @@
+"""Host cost of TiedAdamW.step(): the Python and launch-preparation work per step, with the
+Triton kernel launch replaced by a no-op so the figure means the same on any machine (on a GPU,
+``--real-launch`` also times it with the real launch, host side only: no synchronisation).
+
+    python perf/bench_host.py [--out DIR] [--params 500] [--iters 200] [--real-launch]
+
+Workloads, each with fresh grads every step (new tensor objects, as zero_grad(set_to_none=True)
+leaves them; made outside the timed call) unless said otherwise:
+
+    flat          one tensor (a ZeRO partition)
+    table-fresh   --params tensors in one group (the multi-tensor table path)
+    table-kept    the same, grads kept between steps (zero_grad(set_to_none=False))
+    groups        --params tensors over 10 groups
+
+and in the same run the references: the Python floor (a loop reading each param's ``.grad``),
+an empty ``torch.optim.Optimizer.step`` (the wrapper every optimizer pays), and
+torch.optim.AdamW(fused=True) and (foreach=True) on the same params with tiny tensors (16
+elements: their compute is negligible, what is left is host cost). Reported as ratios against
+the goals of perf/README.md: table-fresh <= 2x the floor; flat <= 30 us above the empty wrapper;
+both >= 5x cheaper than fused AdamW.
+
+Writes bench_host.json and bench_host.png into --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
+
+NUMEL = 16  # per tensor: the step's compute is not what is measured
+
+
+class _NoLaunch:
+    """Stands in for the jitted kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_us(step, prepare, iters: int, sync=None) -> dict:
+    """Median host microseconds of ``step()``; ``prepare()`` (fresh grads) runs untimed before
+    each call, ``sync()`` (the GPU) too."""
+    for _ in range(10):
+        prepare()
+        step()
+    times = []
+    for _ in range(iters):
+        prepare()
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"median_us": statistics.median(times) * 1e6, "min_us": min(times) * 1e6,
+            "iters": iters}
+
+
+def make_params(n: int, device: str, numel: int = NUMEL):
+    return [torch.nn.Parameter(torch.randn(numel, device=device)) for _ in range(n)]
+
+
+def fresh_grads(params, sets: int = 4):
+    """``prepare`` that hands each param a new grad tensor object every call."""
+    pool = [[torch.randn_like(p) for p in params] for _ in range(sets)]
+    state = {"i": 0}
+
+    def prepare():
+        grads = pool[state["i"] % sets]
+        state["i"] += 1
+        for p, g in zip(params, grads):
+            p.grad = g  # another object than last step's (the pool cycles)
+    return prepare
+
+
+def measure(args, device: str, real_launch: bool) -> list[dict]:
+    from tiedadam import TiedAdamW
+    from tiedadam.kernels import tied_adamw as K
+
+    saved = K._tied_adamw_kernel
+    if not real_launch:
+        K._tied_adamw_kernel = _NoLaunch()
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows = []
+
+    def add(name, kind, res, tensors):
+        res.update(workload=name, kind=kind, tensors=tensors, device=device,
+                   launch="real" if real_launch else "no-op")
+        rows.append(res)
+        progress(f"  {name:<14} {kind:<10} {res['median_us']:>10.1f} us")
+
+    try:
+        n = args.params
+        # TiedAdamW, Triton backend (launch as chosen)
+        flat = make_params(1, device, 1 << 20)
+        opt = TiedAdamW(flat, lr=1e-3, beta=0.95, backend="triton")
+        add("flat", "tiedadam", host_us(opt.step, fresh_grads(flat), args.iters, sync), 1)
+        ps = make_params(n, device)
+        opt = TiedAdamW(ps, lr=1e-3, beta=0.95, backend="triton")
+        add("table-fresh", "tiedadam", host_us(opt.step, fresh_grads(ps), args.iters, sync), n)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        add("table-kept", "tiedadam", host_us(opt.step, lambda: None, args.iters, sync), n)
+        groups = [{"params": ps[i::10], "lr": 1e-3 * (1 + i)} for i in range(10)]
+        opt = TiedAdamW(groups, lr=1e-3, beta=0.95, backend="triton")
+        add("groups", "tiedadam", host_us(opt.step, fresh_grads(ps), args.iters, sync), n)
+    finally:
+        K._tied_adamw_kernel = saved
+    if real_launch:
+        return rows
+    # References on the same params (tiny tensors: host cost)
+    ps = make_params(n, device)
+    prep = fresh_grads(ps)
+    prep()
+    add("table-fresh", "floor", host_us(lambda: [p.grad for p in ps], prep, args.iters, sync), n)
+
+    class Empty(torch.optim.Optimizer):
+        def step(self, closure=None):
+            return None
+
+    empty = Empty(make_params(1, device), {})
+    add("flat", "empty-step", host_us(empty.step, lambda: None, args.iters, sync), 1)
+    for kind, kw in (("torch-fused", dict(fused=True)), ("torch-foreach", dict(foreach=True))):
+        opt = torch.optim.AdamW(ps, lr=1e-3, betas=(0.95, 0.95), **kw)
+        add("table-fresh", kind, host_us(opt.step, prep, args.iters, sync), n)
+        one = make_params(1, device)
+        opt1 = torch.optim.AdamW(one, lr=1e-3, betas=(0.95, 0.95), **kw)
+        add("flat", kind, host_us(opt1.step, fresh_grads(one), args.iters, sync), 1)
+    return rows
+
+
+def ratios(rows) -> dict:
+    get = {(r["workload"], r["kind"], r["launch"]): r["median_us"] for r in rows}
+    t = get.get(("table-fresh", "tiedadam", "no-op"))
+    f = get.get(("flat", "tiedadam", "no-op"))
+    out = {}
+    if t is not None:
+        out["table_fresh_over_floor"] = t / get[("table-fresh", "floor", "no-op")]
+        out["torch_fused_over_table_fresh"] = get[("table-fresh", "torch-fused", "no-op")] / t
+        out["torch_foreach_over_table_fresh"] = get[("table-fresh", "torch-foreach", "no-op")] / t
+    if f is not None:
+        out["flat_above_empty_step_us"] = f - get[("flat", "empty-step", "no-op")]
+        out["torch_fused_over_flat"] = get[("flat", "torch-fused", "no-op")] / f
+    return out
+
+
+GOALS = {"table_fresh_over_floor": ("<=", 2.0), "flat_above_empty_step_us": ("<=", 30.0),
+         "torch_fused_over_table_fresh": (">=", 5.0), "torch_fused_over_flat": (">=", 5.0)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
+    ap.add_argument("--params", type=int, default=500)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--real-launch", action="store_true",
+                    help="also time the steps with the real kernel launch (CUDA only)")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        # The no-op launch lets the Triton path step CPU tensors; nothing runs in the
+        # interpreter (the variable must be set before tiedadam's kernels are imported).
+        os.environ["TRITON_INTERPRET"] = "1"
+    progress(f"host cost of step(), {args.params} params, {args.device}, kernel launch no-op")
+    rows = measure(args, args.device, real_launch=False)
+    if args.real_launch and args.device == "cuda":
+        progress("with the real launch")
+        rows += measure(args, args.device, real_launch=True)
+    r = ratios(rows)
+    path = write_json(args.out, "bench_host.json", dict(
+        what="host microseconds per optimizer step (median), kernel launch replaced by a no-op",
+        device=args.device, machine=machine(), versions=versions(), config=vars(args),
+        results=rows, ratios=r, goals={k: f"{op} {v}" for k, (op, v) in GOALS.items()}))
+    plot(rows, os.path.join(args.out, "bench_host.png"))
+    print(f"\n{'workload':<14}{'kind':<15}{'launch':<8}{'host us':>10}")
+    for x in rows:
+        print(f"{x['workload']:<14}{x['kind']:<15}{x['launch']:<8}{x['median_us']:>10.1f}")
+    print()
+    for k, v in r.items():
+        if k not in GOALS:
+            print(f"{k:<32}{v:>9.2f}")
+            continue
+        op, goal = GOALS[k]
+        met = v <= goal if op == "<=" else v >= goal
+        print(f"{k:<32}{v:>9.2f}   goal {op} {goal:<6} {'met' if met else 'not met'}")
+    print(f"wrote {path}")
+    return 0
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['workload']} / {r['kind']}" + (" (real launch)" if r["launch"] == "real" else "")
+              for r in rows]
+    ax.barh(labels, [r["median_us"] for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel("host µs per step (median)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, barh, machine, progress, versions, write_json  # noqa: E402
 
 NUMEL = 16  # per tensor: the step's compute is not what is measured
 
@@ -196,19 +196,10 @@ def main(argv=None) -> int:
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['workload']} / {r['kind']}" + (" (real launch)" if r["launch"] == "real" else "")
               for r in rows]
-    ax.barh(labels, [r["median_us"] for r in rows])
-    ax.set_xscale("log")
-    ax.set_xlabel("host µs per step (median)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    barh(labels, [r["median_us"] for r in rows], "host µs per step (median)", path, log=True,
+         height=4)
 
 
 if __name__ == "__main__":

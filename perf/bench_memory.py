@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import llama_shapes  # noqa: E402
-from common import OUT_HELP, SCRATCH, gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, barh, gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
 from providers import PROVIDERS, Unavailable, make_optimizer, state_bytes  # noqa: E402
 
 DEFAULT = ("tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,"
@@ -89,16 +89,8 @@ def main(argv=None) -> int:
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh([r["provider"] for r in rows], [r["state_bytes_per_param"] for r in rows])
-    ax.set_xlabel("optimizer state bytes per parameter")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    barh([r["provider"] for r in rows], [r["state_bytes_per_param"] for r in rows],
+         "optimizer state bytes per parameter", path)
 
 
 if __name__ == "__main__":

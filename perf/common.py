@@ -120,3 +120,19 @@ def release(device: str) -> None:
 
 def progress(msg: str) -> None:
     print(msg, flush=True)
+
+
+def barh(labels, values, xlabel: str, path: str, *, log: bool = False, height: float = 3.5):
+    """One horizontal bar chart (first label on top) written to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, height))
+    ax.barh(labels, values)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -156,11 +156,7 @@ def host_table(rel) -> str:
     lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
     for k, v in d["ratios"].items():
         lines.append(f"| {k} | {v:.2f} | {d['goals'].get(k, '–')} |")
-    m = d["machine"]
-    gpu = m.get("gpu") or {}
-    where = gpu.get("name") or f"CPU: {m['host_cpu']}, {m['cpu_cores']} cores, no GPU"
-    return ("\n".join(lines) + f"\n\n*Machine: {where}; torch {d['versions']['torch']}, "
-            f"triton {d['versions']['triton']}, written {d['written']}.*")
+    return "\n".join(lines) + "\n\n" + machine_line({"machine_before": d["machine"], **d})
 
 
 GPU = "perf/results/h200"

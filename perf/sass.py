@@ -84,6 +84,11 @@ def variant_name(param, state, master, scale, flat, state_sr=False, param_sr=Fal
                     + (["flat"] if flat else ["table"]))
 
 
+def elements_per_thread(spec: dict) -> int:
+    """Elements each thread holds per BLOCK, as the kernel lays them out (Note [block size])."""
+    return K.block_for(spec["param"], spec["state"]) // (32 * K.NUM_WARPS)
+
+
 def roles(param, state, master, scale, **_) -> dict:
     """Each global role the hot loop touches -> (element bytes, loaded?, stored?)."""
     p, s = BYTES[SHORT[param]], BYTES[SHORT[state]]
@@ -242,7 +247,7 @@ def hot_loop(instrs: list[Instr], spec: dict) -> LoopReport:
     n = sum(1 for x in path if x.op != "NOP")
     # Each role's access width, from the layout (4 elements per thread, 2 for fp64): the
     # caller checks that the loop's access multiset is exactly these widths (one per role).
-    per_thread = min(4, 16 // max(BYTES[SHORT[spec["param"]]], BYTES[SHORT[spec["state"]]]))
+    per_thread = elements_per_thread(spec)
     role_bits = {r: min(128, per_thread * b * 8) for r, (b, _, _) in rl.items()}
     return LoopReport(instructions=n, elements_per_thread=elems,
                       instructions_per_element=round(n / elems, 1) if elems else float("inf"),
@@ -250,12 +255,12 @@ def hot_loop(instrs: list[Instr], spec: dict) -> LoopReport:
                       role_bits=role_bits)
 
 
-def expected_accesses(spec: dict, elements_per_thread: float) -> tuple[Counter, Counter]:
+def expected_accesses(spec: dict, loop_elements: float) -> tuple[Counter, Counter]:
     """The loads and stores the hot loop must have if every role moves at its width once per
     ``per_thread`` elements: {opcode: count}."""
     rl = roles(**spec)
-    per_thread = min(4, 16 // max(BYTES[SHORT[spec["param"]]], BYTES[SHORT[spec["state"]]]))
-    unroll = round(elements_per_thread / per_thread)
+    per_thread = elements_per_thread(spec)
+    unroll = round(loop_elements / per_thread)  # elements a thread updates per loop iteration
     loads, stores = Counter(), Counter()
     for b, ld, st in rl.values():
         bits = per_thread * b * 8

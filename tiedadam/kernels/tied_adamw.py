@@ -480,6 +480,8 @@ def _tied_adamw_kernel(
         nonfinite += nf
         high += hi
     # The rest: a tail of an aligned tensor, or all of a misaligned view. Masked, no promise.
+    # (A second loop, not a branch in the first: the hinted loop must stay free of the masked
+    # body for its registers and its SASS, perf/sass.py Note [hot loop].)
     for i in range(n_full.to(tl.int32), rem32, BLOCK):
         base = start + i
         o = i + lanes32

@@ -50,7 +50,9 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
                             non_blocking=True)
             if len(persistent) > 64:  # DeepSpeed: one entry per swapped-in group (list)
                 persistent.clear()
-            persistent[key] = entry = (table, rows, groups)  # groups held: ids stay unique
+            # Rows are compared by value, so a group id reused after a group is gone can only
+            # find a table that is then rewritten (or already holds the same values).
+            persistent[key] = entry = (table, rows)
         return entry[0]
     entry = persistent.get(device)
     if entry is None or entry[0].shape[0] != len(groups):

@@ -2,7 +2,7 @@
 Triton kernel launch replaced by a no-op so the figure means the same on any machine (on a GPU,
 ``--real-launch`` also times it with the real launch, host side only: no synchronisation).
 
-    python perf/bench_host.py [--out DIR] [--params 500] [--iters 200] [--real-launch]
+    python perf/bench_host.py [--out DIR] [--params 500] [--iters 200] [--rounds 10] [--real-launch]
 
 Workloads, each with fresh grads every step (new tensor objects, as zero_grad(set_to_none=True)
 leaves them; made outside the timed call) unless said otherwise:
@@ -46,22 +46,28 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_us(step, prepare, iters: int, sync=None) -> dict:
-    """Median host microseconds of ``step()``; ``prepare()`` (fresh grads) runs untimed before
-    each call, ``sync()`` (the GPU) too."""
-    for _ in range(10):
-        prepare()
-        step()
-    times = []
-    for _ in range(iters):
-        prepare()
-        if sync is not None:
-            sync()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_us": statistics.median(times) * 1e6, "min_us": min(times) * 1e6,
-            "iters": iters}
+def host_us(cases: list, iters: int, rounds: int, sync=None) -> list[dict]:
+    """Median host microseconds of each case's ``step()``, the cases timed in rotation: ``rounds``
+    rounds of ``iters // rounds`` calls each, so a slow spell of the machine (this VM's load
+    varies by 2x within a minute) hits every case alike and ratios within a run stay fair.
+    ``prepare()`` (fresh grads) runs untimed before each call, ``sync()`` (the GPU) too."""
+    per_round = max(iters // rounds, 1)
+    times = [[] for _ in cases]
+    for step, prepare in cases:
+        for _ in range(10):
+            prepare()
+            step()
+    for _ in range(rounds):
+        for (step, prepare), ts in zip(cases, times):
+            for _ in range(per_round):
+                prepare()
+                if sync is not None:
+                    sync()
+                t0 = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t0)
+    return [{"median_us": statistics.median(ts) * 1e6, "min_us": min(ts) * 1e6,
+             "iters": len(ts)} for ts in times]
 
 
 def make_params(n: int, device: str, numel: int = NUMEL):
@@ -89,51 +95,54 @@ def measure(args, device: str, real_launch: bool) -> list[dict]:
     if not real_launch:
         K._tied_adamw_kernel = _NoLaunch()
     sync = torch.cuda.synchronize if device == "cuda" else None
-    rows = []
-
-    def add(name, kind, res, tensors):
-        res.update(workload=name, kind=kind, tensors=tensors, device=device,
-                   launch="real" if real_launch else "no-op")
-        rows.append(res)
-        progress(f"  {name:<14} {kind:<10} {res['median_us']:>10.1f} us")
-
+    cases = []  # (workload, kind, tensors, step, prepare)
     try:
         n = args.params
         # TiedAdamW, Triton backend (launch as chosen)
         flat = make_params(1, device, 1 << 20)
         opt = TiedAdamW(flat, lr=1e-3, beta=0.95, backend="triton")
-        add("flat", "tiedadam", host_us(opt.step, fresh_grads(flat), args.iters, sync), 1)
+        cases.append(("flat", "tiedadam", 1, opt.step, fresh_grads(flat)))
         ps = make_params(n, device)
         opt = TiedAdamW(ps, lr=1e-3, beta=0.95, backend="triton")
-        add("table-fresh", "tiedadam", host_us(opt.step, fresh_grads(ps), args.iters, sync), n)
-        for p in ps:
+        cases.append(("table-fresh", "tiedadam", n, opt.step, fresh_grads(ps)))
+        kept = make_params(n, device)
+        for p in kept:
             p.grad = torch.randn_like(p)
-        add("table-kept", "tiedadam", host_us(opt.step, lambda: None, args.iters, sync), n)
-        groups = [{"params": ps[i::10], "lr": 1e-3 * (1 + i)} for i in range(10)]
+        opt = TiedAdamW(kept, lr=1e-3, beta=0.95, backend="triton")
+        cases.append(("table-kept", "tiedadam", n, opt.step, lambda: None))
+        grouped = make_params(n, device)
+        groups = [{"params": grouped[i::10], "lr": 1e-3 * (1 + i)} for i in range(10)]
         opt = TiedAdamW(groups, lr=1e-3, beta=0.95, backend="triton")
-        add("groups", "tiedadam", host_us(opt.step, fresh_grads(ps), args.iters, sync), n)
+        cases.append(("groups", "tiedadam", n, opt.step, fresh_grads(grouped)))
+        if not real_launch:
+            # References on the same kind of params (tiny tensors: host cost)
+            ps = make_params(n, device)
+            prep = fresh_grads(ps)
+            prep()
+            cases.append(("table-fresh", "floor", n, lambda: [p.grad for p in ps], prep))
+
+            class Empty(torch.optim.Optimizer):
+                def step(self, closure=None):
+                    return None
+
+            cases.append(("flat", "empty-step", 1, Empty(make_params(1, device), {}).step,
+                          lambda: None))
+            for kind, kw in (("torch-fused", dict(fused=True)),
+                             ("torch-foreach", dict(foreach=True))):
+                ref = torch.optim.AdamW(ps, lr=1e-3, betas=(0.95, 0.95), **kw)
+                cases.append(("table-fresh", kind, n, ref.step, prep))
+                one = make_params(1, device)
+                ref1 = torch.optim.AdamW(one, lr=1e-3, betas=(0.95, 0.95), **kw)
+                cases.append(("flat", kind, 1, ref1.step, fresh_grads(one)))
+        results = host_us([(c[3], c[4]) for c in cases], args.iters, args.rounds, sync)
     finally:
         K._tied_adamw_kernel = saved
-    if real_launch:
-        return rows
-    # References on the same params (tiny tensors: host cost)
-    ps = make_params(n, device)
-    prep = fresh_grads(ps)
-    prep()
-    add("table-fresh", "floor", host_us(lambda: [p.grad for p in ps], prep, args.iters, sync), n)
-
-    class Empty(torch.optim.Optimizer):
-        def step(self, closure=None):
-            return None
-
-    empty = Empty(make_params(1, device), {})
-    add("flat", "empty-step", host_us(empty.step, lambda: None, args.iters, sync), 1)
-    for kind, kw in (("torch-fused", dict(fused=True)), ("torch-foreach", dict(foreach=True))):
-        opt = torch.optim.AdamW(ps, lr=1e-3, betas=(0.95, 0.95), **kw)
-        add("table-fresh", kind, host_us(opt.step, prep, args.iters, sync), n)
-        one = make_params(1, device)
-        opt1 = torch.optim.AdamW(one, lr=1e-3, betas=(0.95, 0.95), **kw)
-        add("flat", kind, host_us(opt1.step, fresh_grads(one), args.iters, sync), 1)
+    rows = []
+    for (name, kind, tensors, _, _), res in zip(cases, results):
+        res.update(workload=name, kind=kind, tensors=tensors, device=device,
+                   launch="real" if real_launch else "no-op")
+        rows.append(res)
+        progress(f"  {name:<14} {kind:<14} {res['median_us']:>10.1f} us")
     return rows
 
 
@@ -160,7 +169,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--params", type=int, default=500)
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=200, help="timed calls per case")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="the cases are timed in rotation, iters/rounds calls per turn")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--real-launch", action="store_true",
                     help="also time the steps with the real kernel launch (CUDA only)")

@@ -477,3 +477,90 @@ def test_tensor_repointed_in_place_is_followed(backend, role):
     for p, q in zip(ours, theirs):
         assert_close(p, q)
         assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+# Cached plans (Note [guard] in tiedadam/optim/guard.py) ----------------------------------------
+# Each case keeps the identity of every object the plan holds but changes something the kernel
+# relies on; the step after it must see the change (follow it, or refuse before anything moves).
+
+def _trained(backend, steps=2, **kw):
+    ps = [torch.nn.Parameter(torch.randn(9, 3)), torch.nn.Parameter(torch.randn(70))]
+    opt = TiedAdamW(ps, lr=0.1, beta=0.9, backend=backend, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return ps, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit,error", [
+    ("t_", r"exp_avg'\].*shape \(3, 9\)"),  # an in-place view op: same tensor, new shape
+    ("view_dtype", r"exp_avg'\].*torch.int32"),  # same memory read as another dtype
+    ("extra_key", r"holds 'master_param'"),  # a key the full check refuses
+    ("grad_dtype", r"grad of .*dtype torch.float64"),
+    ("grad_sparse", r"sparse gradients"),
+])
+def test_cached_plan_sees_edits_that_keep_identity(backend, edit, error):
+    ps, opt = _trained(backend)
+    st = opt.state[ps[0]]
+    if edit == "t_":
+        st["exp_avg"].t_()
+    elif edit == "view_dtype":
+        st["exp_avg"].data = st["exp_avg"].data.view(torch.int32)
+    elif edit == "extra_key":
+        st["master_param"] = ps[0].detach().clone()
+    elif edit == "grad_dtype":
+        ps[0].grad_dtype = None  # torch >= 2.10 refuses the assignment otherwise
+        ps[0].grad = ps[0].grad.double()
+    else:
+        ps[0].grad = ps[0].grad.to_sparse()
+    snap = snapshot(opt, ps[1:])
+    with pytest.raises(RuntimeError, match=error):
+        opt.step()
+    assert_unchanged(opt, ps[1:], snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", ["set_", "new_step_tensor", "moved_to_other_group"])
+def test_cached_plan_follows_edits_it_can_take(backend, edit):
+    """Memory swapped under a kept identity (``set_``), a replaced step tensor, a param moved
+    between groups: the next step uses the new memory / count / group, as torch does."""
+    ours, theirs = pair(70, (9, 3), 5)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}]  # noqa: E731
+    opt = TiedAdamW(groups(ours), lr=0.1, beta=0.9, backend=backend)
+    ref = torch_ref(groups(theirs))
+
+    def change(step):
+        if step != 2:
+            return
+        if edit == "set_":
+            for o, p in ((opt, ours[1]), (ref, theirs[1])):
+                m = o.state[p]["exp_avg"]
+                m.set_(m.clone())  # same tensor object, other storage
+        elif edit == "new_step_tensor":
+            for o, p in ((opt, ours[0]), (ref, theirs[0])):
+                o.state[p]["step"] = torch.tensor(10.0)
+        else:
+            for o in (opt, ref):
+                moved = o.param_groups[0]["params"].pop()
+                o.param_groups[1]["params"].insert(0, moved)
+    step_both(opt, ref, ours, theirs, 4, before=change)
+    for p, q in zip(ours, theirs):
+        assert_close(p, q)
+        assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_hyperparameter_edited_in_place_is_checked(backend):
+    """Validated group values are remembered by identity; a tensor is mutable in place, so a
+    tensor-valued hyperparameter is checked again at every step."""
+    ps, opt = _trained(backend, eps=torch.tensor(1e-8))
+    opt.param_groups[0]["eps"].fill_(float("nan"))
+    snap = snapshot(opt, ps)
+    with pytest.raises(ValueError, match="eps"):
+        opt.step()
+    assert_unchanged(opt, ps, snap)

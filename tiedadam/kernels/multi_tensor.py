@@ -41,6 +41,7 @@ block belongs to torch's caching host allocator, which does not reuse it until t
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import compress, repeat
 from typing import Hashable, Sequence
 
 import torch
@@ -132,7 +133,7 @@ class TableCache:
         if table is not None:
             self._tables.move_to_end(key)
             for k in watched:
-                ptrs = [t.data_ptr() for t in roles[k]]
+                ptrs = list(map(Tensor.data_ptr, roles[k]))
                 if ptrs != table.ptrs[k]:
                     if k in volatile and self._same_alignment(table, ptrs):
                         table.refresh_role(k, roles[k], ptrs)
@@ -150,4 +151,4 @@ class TableCache:
     @staticmethod
     def _same_alignment(table: MultiTensorTable, ptrs: list[int]) -> bool:
         # A re-pointed role may only keep the table if no tensor's aligned flag would change.
-        return all(not a or p % ALIGN_BYTES == 0 for a, p in zip(table.aligned, ptrs))
+        return not any(compress(map(int.__mod__, ptrs, repeat(ALIGN_BYTES)), table.aligned))

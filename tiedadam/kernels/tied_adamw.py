@@ -35,6 +35,7 @@ division (equal but at rounding boundaries).
 from __future__ import annotations
 
 import functools
+from itertools import repeat
 
 import torch
 import triton
@@ -511,6 +512,19 @@ def _tied_adamw_kernel(
         tl.atomic_add(row + 4, tl.sum(high, axis=0))
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
+                   has_scale: bool, state_sr: bool, param_sr: bool, telemetry: bool) -> dict:
+    """The constexprs and launch options of one kernel variant (made once, not per launch)."""
+    state_sr = state_sr and state_dtype == torch.bfloat16
+    param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
+    return dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
+                HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
+                PARAM_SR=param_sr, TELEMETRY=telemetry, CHUNK=CHUNK,
+                BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, enable_fp_fusion=ENABLE_FP_FUSION)
+
+
 def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
                       param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                       grad_scale: torch.Tensor | None = None,
@@ -532,17 +546,13 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     scale = grad_scale if has_scale else dummy
     tele = telemetry if telemetry is not None else dummy
     inf = found_inf if has_scale else dummy
-    state_sr = state_sr and state_dtype == torch.bfloat16
-    param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
-    consts = dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
-                  HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
-                  PARAM_SR=param_sr, TELEMETRY=telemetry is not None, CHUNK=CHUNK,
-                  BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
-                  num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, enable_fp_fusion=ENABLE_FP_FUSION)
+    consts = _launch_config(param_dtype, state_dtype, has_master, has_scale, state_sr, param_sr,
+                            telemetry is not None)
     if flat is not None:
         p, g, m, v, w, step = flat
         n = p.numel()
-        aligned = int(all(x.data_ptr() % ALIGN_BYTES == 0 for x in (p, g, m, v, w)))
+        aligned = int(not any(map(int.__mod__, map(torch.Tensor.data_ptr, (p, g, m, v, w)),
+                                      repeat(ALIGN_BYTES))))
         grid = (max(-(-n // CHUNK), 1),)  # an empty tensor still counts its step
         _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
                                  p, g, m, v, w, step, n, aligned, flat_group, flat_key,

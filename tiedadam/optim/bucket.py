@@ -34,12 +34,13 @@ class Bucket:
     names: list[str] = field(default_factory=list)  # for telemetry
     telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
     tickets: Tensor | None = None  # int32 [T] zeros for the kernel's step counts (triton)
+    whole: bool = False  # the only bucket of its step: index is every entry, in order
     has_copies: bool = False  # some params step through working copies
     base_params: list | None = None  # params outside a step (copies: the build step's, unused)
 
     def bind(self, grads: list, special: dict) -> None:
         """This step's grads and working copies ({position: (copy or None, ...)}), verified."""
-        self.grads = [grads[i] for i in self.index]
+        self.grads = grads if self.whole else [grads[i] for i in self.index]
         if self.has_copies:
             if self.base_params is None:
                 self.base_params = list(self.params)

@@ -20,14 +20,15 @@ the same. So before any launch, every step, for every parameter with a grad:
    fp32 tensor on the param's device. Empty state is created; anything else that does not
    match (a param resized or re-typed after its state was made, a state tensor replaced by one
    of another size) raises before anything changes, saying how to reset that state.
-4. **Cached plans** (buckets, address tables) are reused only while the *signature* of every
-   parameter is unchanged: the identity of its state dict and state tensors, and the address,
-   size, strides, dtype and device of the param and of every state role (``signature``). A
-   replaced state tensor, a cleared state, a re-typed, resized or moved param can never be
-   stepped through a plan made for the old one: any difference sends the step through the full
-   check above and builds a new plan and table. Grads are fresh every step: their layout is
-   checked each step and their addresses re-pointed in the table (Note [table cache] in
-   kernels/multi_tensor.py).
+4. **Cached plans** (buckets, address tables) are reused only while everything they trust
+   still holds: the identity of each parameter's state dict and state tensors, and the
+   address, size, strides, dtype and device of the param and of every state role; each grad
+   has the param's shape, dtype and device (Note [guard] in guard.py, which checks all of it
+   at every step without a Python loop over the parameters). A replaced state tensor, a
+   cleared state, a re-typed, resized or moved param can never be stepped through a plan made
+   for the old one: any difference sends the step through the full check above and builds a
+   new plan and table. Grads are fresh every step: their layout is checked each step and
+   their addresses re-pointed in the table (Note [table cache] in kernels/multi_tensor.py).
 
 Only after all of that holds for every bucket of the step does any kernel run, so a refused
 step is never half-applied.
@@ -203,25 +204,6 @@ def init(p: Tensor, st: dict, group: dict) -> None:
 def init_master(p: Tensor, st: dict, group: dict) -> None:
     if wants_master(local_tensor(p).dtype, group) and MASTER_KEY not in st and "exp_avg" in st:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
-
-
-def signature(st: dict, local: Tensor, sharded: bool) -> tuple:
-    """Everything a cached plan trusts about one parameter (Note [what the kernel may trust],
-    4): the identity of its state dict and of each state tensor, and the address, size,
-    strides, dtype and device of the param and of every state role. A plan (and its address
-    table) is reused only while every parameter's signature is unchanged; ids are safe to
-    compare because the plan holds the tensors (an id cannot be reused while its object lives).
-    One flat function: this runs for every parameter at every step."""
-    m, v, w, t = st.get("exp_avg"), st.get("exp_avg_sq"), st.get(MASTER_KEY), st.get("step")
-    if sharded:
-        m, v = local_tensor(m), local_tensor(v)
-        w = None if w is None else local_tensor(w)
-    # get_device() (an int: -1 for CPU) is the cheap form of .device, which builds an object
-    return (id(st), id(m), id(v), id(w), id(t), local.data_ptr(), local.shape, local.stride(),
-            local.dtype, local.get_device(), m.data_ptr(), m.shape, m.stride(), m.dtype,
-            m.get_device(), v.data_ptr(), v.shape, v.stride(), v.dtype, v.get_device(),
-            None if w is None else (w.data_ptr(), w.shape, w.stride(), w.dtype, w.get_device()),
-            t.data_ptr(), t.shape, t.dtype, t.get_device())
 
 
 def layout_grad(g: Tensor, local: Tensor, strides: tuple) -> tuple[Tensor, Tensor | None]:

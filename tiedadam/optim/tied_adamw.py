@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not, itemgetter
 from typing import Any, Callable, Iterable
 
 import torch
@@ -14,6 +17,7 @@ from ..kernels.runtime import triton_runs_on, triton_unavailable_reason
 from . import hyperparams as H
 from . import plan as P
 from .bucket import Bucket
+from .guard import Guard
 from .plan import MASTER_KEY
 from .shards import local_tensor
 from .rng import shard_offset, stream_key
@@ -29,11 +33,8 @@ class _Plan:
         self.entries = [e._replace(grad=None, grad_out=None,
                                    param=None if e.writeback is not None else e.param)
                         for e in entries]
-        self.sharded = any(e.param is not e.source and e.writeback is None for e in entries)
-        self.strides = [e.exp_avg.stride() for e in entries]  # every role's walk strides
-        self.copied = {j for j, e in enumerate(entries) if e.writeback is not None}
-        self.signatures = [P.signature(state[e.source], local_tensor(e.source), self.sharded)
-                           for e in entries]
+        sharded = any(e.param is not e.source and e.writeback is None for e in entries)
+        self.guard = Guard(entries, state, sharded)
         _Plan._serial += 1
         self.serial = _Plan._serial  # table-cache key: a rebuilt plan never meets old tables
 
@@ -42,6 +43,13 @@ class _Plan:
 # between the two in both directions.
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _UNSET = object()
+_PARAMS = itemgetter("params")
+_GRAD = attrgetter("grad")
+# Every group key check_group reads except lr (checked at every step on its own: schedulers
+# replace it at every step); see _check_groups.
+_CHECKED_KEYS = ("beta", "betas", "eps", "weight_decay", "amsgrad", "capturable", "maximize",
+                 "master_weights", "state_dtype", "stochastic_rounding",
+                 "param_stochastic_rounding", "seed")
 
 
 class TiedAdamW(Optimizer):
@@ -151,6 +159,7 @@ class TiedAdamW(Optimizer):
         self._hyper_dev: dict = {}
         self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
         self._ordinals: dict[int, tuple[int, dict]] = {}  # id(group) -> (ordinal, group)
+        self._group_memo: dict[int, tuple | None] = {}  # id(group) -> what was validated
 
     def _ordinal(self, group: dict) -> int:
         """The group's number in the order this optimizer first saw its groups (Note [rng
@@ -443,14 +452,33 @@ class TiedAdamW(Optimizer):
                                f"Use backend='auto' or 'torch' for these parameters.")
         return self.backend
 
-    def _pending(self) -> list:
-        """(group, position, param, grad) of every parameter with a grad, after checking every
-        group's hyperparameters and options and each grad's kind, shape, dtype and device."""
-        pending = []
+    def _check_groups(self) -> None:
+        """Validate every group's hyperparameters and options before anything changes (errors
+        name the group). A group whose option values are the very objects validated at an
+        earlier step is not checked again: ``vals`` holds them, so an id cannot be reused by a
+        new value, and a value that is a tensor (mutable in place) is re-checked every time.
+        lr is checked at every step (a scheduler writes a new float at every step)."""
+        memo = self._group_memo
         for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if type(lr) is not float or not 0.0 <= lr < math.inf:  # NaN fails both
+                H.check_lr(lr, f"param_groups[{gi}]: ")
+            seen = memo.get(id(group))
+            if seen is not None and seen[0] is group and all(
+                    map(is_, map(group.get, _CHECKED_KEYS), seen[1])):
+                continue
             where = f"param_groups[{gi}]: "
             self._sync_beta(group, where)
             H.check_group(group, where)
+            self._beta_seen[id(group)] = group["beta"]
+            vals = tuple(map(group.get, _CHECKED_KEYS))
+            memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
+
+    def _pending(self) -> list:
+        """(group, position, param, grad) of every parameter with a grad, after checking each
+        grad's kind, shape, dtype and device (errors name the parameter)."""
+        pending = []
+        for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -480,38 +508,6 @@ class TiedAdamW(Optimizer):
             P.init(p, state[p], groups[gi])
             entries[j] = P.entry(gi, i, p, g, state[p], groups[gi])
         return entries
-
-    def _reuse(self, plan: "_Plan", pending: list) -> tuple | None:
-        """This step's grads (and working copies) for a cached plan, if every parameter's
-        signature still matches the one verified when the plan was built; None sends the step
-        down the full check. Returns (grads, {j: (working copy or None, user's grad or None)})."""
-        state = self.state
-        sharded = plan.sharded
-        signature = P.signature
-        grads = []
-        special = {}
-        for j, ((gi, i, p, g), sig, strides) in enumerate(zip(pending, plan.signatures,
-                                                               plan.strides)):
-            st = state.get(p)
-            if st is None:
-                return None
-            local = local_tensor(p) if sharded else p
-            if signature(st, local, sharded) != sig:
-                return None
-            if sharded:
-                g = local_tensor(g)
-            grad_out = None
-            if g.stride() != strides and local.numel() > 1:
-                g, grad_out = P.layout_grad(g, local, strides)
-            work = None
-            if j in plan.copied:  # a non-dense param: a fresh working copy
-                work = torch.empty_strided(local.shape, strides, dtype=local.dtype,
-                                           device=local.device)
-                work.copy_(local)
-            if grad_out is not None or work is not None:
-                special[j] = (work, grad_out)
-            grads.append(g)
-        return grads, special
 
     def _plan(self, entries: list) -> list:
         """Group verified entries into launch buckets (cached under their plan key)."""
@@ -543,13 +539,15 @@ class TiedAdamW(Optimizer):
                                      shard_offset(e.source)) if state_sr or param_sr else 0)
             b.names.append(self._param_name(e.group, e.source))
         for k, b in buckets.items():
+            b.whole = len(buckets) == 1
             if self.telemetry_enabled:
                 b.telemetry = torch.zeros(len(b.params), 5, device=b.device)
             if k[4] == "triton":
+                from .triton_backend import triton_step  # not at import: Triton may be absent
+                self._triton_step = triton_step
                 b.tickets = torch.zeros(len(b.params), dtype=torch.int32, device=b.device)
         return [(k[4], b) for k, b in buckets.items()]
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
 
@@ -559,15 +557,37 @@ class TiedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = self._pending()
-        if not pending:
-            return loss
-        key = (tuple(id(t[2]) for t in pending), tuple(t[0] for t in pending),
-               self._state_version)
+        # torch.no_grad(), set as torch.no_grad sets it: the context manager (or decorator)
+        # costs ~2 us per step, the flat path's whole budget is 30 us (perf/bench_host.py)
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step()
+        finally:
+            torch._C._set_grad_enabled(prev)
+        return loss
+
+    def _step(self) -> None:
+        self._check_groups()
+        lists = list(map(_PARAMS, self.param_groups))
+        params = list(chain.from_iterable(lists))
+        grads = list(map(_GRAD, params))
+        has = list(map(is_not, grads, repeat(None)))
+        if all(has):
+            sel = None
+        else:  # params without a grad are skipped, as torch does
+            sel = tuple(compress(range(len(params)), has))
+            if not sel:
+                return
+            params = [params[j] for j in sel]
+            grads = [grads[j] for j in sel]
+        # The plan for this set of params (and groups); the guard then checks that everything
+        # the plan trusts still holds (Note [guard] in guard.py).
+        key = (tuple(map(id, params)), tuple(map(len, lists)), sel, self._state_version)
         plan = self._plans.get(key)
-        reused = None if plan is None else self._reuse(plan, pending)
+        reused = None if plan is None else plan.guard.reuse(self.state, params, grads)
         if reused is None:
-            entries = self._entries(pending)
+            entries = self._entries(self._pending())
             plan = self._plans[key] = _Plan(self._plan(entries), entries, self.state)
             self._plans.move_to_end(key)
             if len(self._plans) > 64:  # as many as the table cache: ZeRO-3 sub-groups
@@ -586,8 +606,7 @@ class TiedAdamW(Optimizer):
         for i, (backend, b) in enumerate(plan.buckets):
             b.bind(grads, special)
             if backend == "triton":
-                from .triton_backend import triton_step
-                triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
+                self._triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
                             grad_scale=grad_scale, found_inf=found_inf,
                             snr_threshold=self.snr_threshold)
             else:
@@ -605,7 +624,6 @@ class TiedAdamW(Optimizer):
                     grad_out.copy_(grads[j])
                 elif e.source.grad is grad_out:
                     e.source.grad = grads[j]
-        self._beta_seen = {id(g): g["beta"] for g in groups}
         if self.telemetry_enabled:
             # DeepSpeed steps one group (or ZeRO-3 sub-group) per call: keep every recent plan
             # so telemetry() reports each parameter's latest step, not only the last call's.
@@ -613,7 +631,6 @@ class TiedAdamW(Optimizer):
             self._tele_plans.move_to_end(key)
             if len(self._tele_plans) > 64:
                 self._tele_plans.popitem(last=False)
-        return loss
 
     def telemetry(self, reduce: bool = False) -> dict[str, dict[str, Tensor]]:
         """Per-parameter statistics of each parameter's latest step, as device tensors (no host

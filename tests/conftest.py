@@ -9,6 +9,9 @@ GPU_RUN = os.environ.get("TIEDADAM_TEST_GPU") == "1"
 if not GPU_RUN:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The compiled CPU step is tested in tests/test_cpu_step.py; elsewhere CPU tensors take the
+# torch-op path, so that test processes do not each compile every mode (tens of seconds).
+os.environ.setdefault("TIEDADAM_CPU_COMPILE", "0")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # silence Triton 3.9's notice; we pass it
 
 import pytest  # noqa: E402

@@ -107,9 +107,25 @@ def train(cfg, model, data, optimizer=None, ckpt=None, stage=0):
     out = dict(losses=losses, params=full_params(engine, stage),
                opt_type=type(engine.optimizer).__name__,
                basic=type(getattr(engine, "basic_optimizer", None) or opt).__name__,
-               skipped=int(getattr(engine, "skipped_steps", 0)))
+               skipped=int(getattr(engine, "skipped_steps", 0)), **state_footprint(engine))
     engine.destroy()
     return out
+
+
+def state_footprint(engine) -> dict:
+    """Host bytes per parameter of what the optimizer keeps (the fp32 partitions it steps and
+    their moments), measured from the tensors, and the moments' dtypes."""
+    from tiedadam import TiedAdamW
+    tied = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(tied, TiedAdamW):
+        return {}
+    parts = list(tied.state)  # the partitions stepped (ZeRO swaps them in and out of the groups)
+    numel = sum(p.numel() for p in parts)
+    held = sum(p.numel() * p.element_size() for p in parts)
+    held += sum(st[k].numel() * st[k].element_size() for st in tied.state.values()
+                for k in ("exp_avg", "exp_avg_sq"))
+    return dict(bytes_per_param=held / numel,
+                state_dtypes=sorted({str(st["exp_avg"].dtype) for st in tied.state.values()}))
 
 
 def parity(rank, world, stage, precision, offload, steps):
@@ -135,6 +151,31 @@ def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
     torch.manual_seed(123)  # the resumed model starts from different weights: load must fix it
     resumed = train(cfg, Net(), data, ckpt=(ckpt_dir, "load", at), stage=stage)
     return whole, resumed
+
+
+def bf16_state_offload(rank, world, steps, at, ckpt_dir):
+    """ZeRO-Offload, stages 1-3, ``"state_dtype": "bfloat16"`` in the JSON config (stochastic
+    rounding, the compiled CPU step): an fp32-state run, a bf16-state run, and the bf16-state
+    run saved at ``at``, loaded into a fresh engine and continued."""
+    from tiedadam.optim import torch_backend
+    torch_backend.USE_COMPILED_CPU_STEP = True  # the suite turns it off (tests/conftest.py)
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    out = {}
+    for stage in (1, 2, 3):
+        cfg32 = ds_config(stage, "fp32", offload=True)
+        cfg16 = ds_config(stage, "fp32", offload=True, opt_params={"state_dtype": "bfloat16"})
+        fp32 = train(cfg32, copy.deepcopy(base), data, stage=stage)
+        whole = train(cfg16, copy.deepcopy(base), data, stage=stage)
+        train(cfg16, copy.deepcopy(base), data, ckpt=(f"{ckpt_dir}/{stage}", "save", at),
+              stage=stage)
+        resumed = train(cfg16, Net(), data, ckpt=(f"{ckpt_dir}/{stage}", "load", at),
+                        stage=stage)
+        out[stage] = dict(fp32=fp32, whole=whole, resumed=resumed)
+    from tiedadam.kernels import tied_adamw_cpu
+    out["compiled_modes"] = len(tied_adamw_cpu.compile_seconds)
+    return out
 
 
 def client_optimizer(rank, world, kind, stage, offload, steps):

@@ -2,13 +2,17 @@
 
 The right backend for CPU tensors outside the tests (as fast as DeepSpeedCPUAdam on a 2-core
 CPU, 6x the foreach path: README, DeepSpeed section): the same semantics, no Triton. Also serves any device
-when ``backend="torch"``. Torch's fused op wants states in the param dtype; for the other modes
-(fp32 state with bf16 params, master weights, bf16 state) the math runs on fp32 working copies
-that are written back, rounded to nearest or stochastically.
+when ``backend="torch"``. Torch's fused op wants states in the param dtype; the other modes
+(fp32 state with bf16 params, master weights, bf16 state, pure bf16) go, for contiguous CPU
+tensors, through the one-pass step that torch.compile builds (kernels/tied_adamw_cpu.py: the
+Triton kernel's math and rounding, for ZeRO-Offload); elsewhere, or without a C++ compiler,
+the math runs on fp32 working copies that are written back, rounded to nearest or
+stochastically.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -39,10 +43,10 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      masters: Sequence[Tensor | None], state_steps: Sequence[Tensor], *,
                      lr: float | Tensor, beta: float, eps: float, weight_decay: float,
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                     generators: Sequence[torch.Generator] | None = None,
-                     state_sr: bool = False, param_sr: bool = False) -> None:
-    """One step for one param group. ``state_steps`` must already hold t. ``generators``
-    (one per tensor, Note [torch rng]) are needed when rounding stochastically. With
+                     keys: Sequence[int] | None = None, state_sr: bool = False,
+                     param_sr: bool = False) -> None:
+    """One step for one param group. ``state_steps`` must already hold t. ``keys`` (one per
+    tensor: mix(stream key, t), Note [torch rng]) are needed when rounding stochastically. With
     ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
     torch's fused AdamW leaves them."""
     if not params:
@@ -59,6 +63,14 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if len(plain) == len(params):
         return
     other = sorted(set(range(len(params))) - set(plain))
+    if params[other[0]].device.type == "cpu":
+        other = [i for i in other if not _compiled_cpu_step(
+            params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], state_steps[i],
+            lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+            found_inf=found_inf, key=keys[i] if keys else 0, state_sr=state_sr,
+            param_sr=param_sr)]
+        if not other:
+            return
     # fp32 working copies: the master weight when there is one, else the upcast param.
     work = [masters[i] if masters[i] is not None else params[i].float() for i in other]
     m32 = [exp_avgs[i].float() for i in other]
@@ -66,19 +78,53 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     g32 = [grads[i].float() for i in other]
     torch._fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
     for j, i in enumerate(other):
+        gen = None
+        if state_sr or param_sr:  # one generator per tensor, consumed before the next
+            gen = torch.Generator(device=params[i].device)
+            gen.manual_seed(keys[i])
         if grad_scale is not None and g32[j] is not grads[i]:
             grads[i].copy_(g32[j])  # unscaled, as the fused op leaves fp32 grads
         if params[i].dtype == torch.bfloat16 and param_sr and masters[i] is None:
-            stochastic_round_to_bf16_(params[i], work[j], generators[i])
+            stochastic_round_to_bf16_(params[i], work[j], gen)
         elif work[j] is not params[i]:
             params[i].copy_(work[j])  # round to nearest even
         if exp_avgs[i].dtype != torch.float32:
             if state_sr and exp_avgs[i].dtype == torch.bfloat16:
-                stochastic_round_to_bf16_(exp_avgs[i], m32[j], generators[i])
-                stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], generators[i])
+                stochastic_round_to_bf16_(exp_avgs[i], m32[j], gen)
+                stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], gen)
             else:
                 exp_avgs[i].copy_(m32[j])
                 exp_avg_sqs[i].copy_(v32[j])
+
+
+def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
+                       step: Tensor, *, lr, beta: float, eps: float, weight_decay: float,
+                       grad_scale: Tensor | None, found_inf: Tensor | None, key: int,
+                       state_sr: bool, param_sr: bool) -> bool:
+    """One CPU tensor through the compiled one-pass step (kernels/tied_adamw_cpu.py); False
+    when it cannot take it (a layout it does not walk, or no compiler: torch ops then)."""
+    if not USE_COMPILED_CPU_STEP or not (p.is_contiguous() and g.is_contiguous()
+                                         and m.is_contiguous() and v.is_contiguous()):
+        return False
+    from ..kernels import tied_adamw_cpu as C
+    if not C.compiled_available():
+        return False
+    if found_inf is not None and float(found_inf) != 0:
+        return True  # AMP: a step with non-finite grads changes nothing (the count is undone)
+    inv_scale = 1.0 if grad_scale is None else float(1.0 / grad_scale.float())
+    s = C.scalars(float(lr), beta, eps, weight_decay, float(step), inv_scale)
+    k = (key & 0xFFFFFFFF, key >> 32)
+    keys = torch.tensor([x - (1 << 32) if x >= 1 << 31 else x for x in k], dtype=torch.int32)
+    return C.run(p.view(-1), g.view(-1), m.view(-1), v.view(-1),
+                 None if w is None else w.view(-1), s, keys, has_scale=grad_scale is not None,
+                 state_sr=state_sr, param_sr=param_sr)
+
+
+# TIEDADAM_CPU_COMPILE=0 keeps CPU tensors on the torch-op path (no torch.compile): for
+# machines without a C++ compiler that should not try, and for the test suite, which runs the
+# compiled step in its own tests (tests/test_cpu_step.py) rather than compiling every mode in
+# every test process.
+USE_COMPILED_CPU_STEP = os.environ.get("TIEDADAM_CPU_COMPILE", "1") != "0"
 
 
 def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
@@ -90,18 +136,15 @@ def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
     for gi in sorted(set(b.groups)):
         idx = [i for i, g in enumerate(b.groups) if g == gi]
         group = groups[gi]
-        gens = None
+        keys = None
         if b.state_sr or b.param_sr:
-            gens = []
-            for i in idx:  # one generator reseeded per tensor: consume each before the next
-                gens.append(torch.Generator(device=b.device))
-                gens[-1].manual_seed(mix(b.keys[i], int(b.steps[i].item())))
+            keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
         torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
                          [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
                          [b.masters[i] for i in idx], [b.steps[i] for i in idx],
                          lr=group["lr"], beta=group["beta"], eps=group["eps"],
                          weight_decay=group["weight_decay"], grad_scale=scale, found_inf=inf,
-                         generators=gens, state_sr=b.state_sr, param_sr=b.param_sr)
+                         keys=keys, state_sr=b.state_sr, param_sr=b.param_sr)
         if b.telemetry is not None:
             from .telemetry import torch_rows
             rows = torch.zeros(len(idx), 5, device=b.device)

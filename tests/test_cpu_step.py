@@ -1,0 +1,183 @@
+"""The compiled one-pass CPU step (tiedadam/kernels/tied_adamw_cpu.py) against the Triton kernel
+in its interpreter: bit for bit when rounding to nearest, in distribution when rounding
+stochastically (the two draw their bits from different generators, Note [cpu rng]).
+
+The rest of the suite runs with TIEDADAM_CPU_COMPILE=0 (conftest.py); this module turns the
+compiled path on for its own optimizers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiedadam import TiedAdamW
+from tiedadam.kernels import tied_adamw_cpu as C
+from tiedadam.optim import torch_backend
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def compiled(monkeypatch):
+    monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
+
+
+# (param dtype, state dtype, master weights): every mode torch's fused AdamW does not cover
+# (bf16 params with bf16 states and nearest rounding are torch's own fused op's case).
+MODES = [(torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
+         (torch.bfloat16, torch.bfloat16, True), (torch.bfloat16, torch.float32, False),
+         (torch.float16, torch.float32, True)]
+
+
+def train(backend, pdtype, sdtype, master, *, sr=False, psr=False, n=3001, steps=3, seed=7,
+          grads=None, scaler=None):
+    """A param (n elements, odd: a vector tail) trained ``steps`` steps; same grads for every
+    backend. Returns (param, state)."""
+    p = torch.nn.Parameter(grads[0].to(pdtype) if grads else torch.randn(n).to(pdtype))
+    opt = TiedAdamW([p], lr=1e-2, beta=0.9, weight_decay=0.1, backend=backend,
+                    state_dtype=sdtype, master_weights=master, stochastic_rounding=sr,
+                    param_stochastic_rounding=psr, seed=seed)
+    for g in grads[1:steps + 1]:
+        p.grad = g.to(pdtype).clone()
+        if scaler is not None:
+            p.grad *= scaler
+            opt.grad_scale = torch.tensor(scaler)
+            opt.found_inf = torch.tensor(0.0)
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
+def grads_for(n, steps=3):
+    return [torch.randn(n)] + [torch.randn(n) * 10 ** torch.empty(n).uniform_(-4, 0)
+                               for _ in range(steps)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m[0]}-{m[1]}-master{m[2]}"[6:])
+def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode):
+    gs = grads_for(3001)
+    ours, st = train("torch", *mode, grads=gs)
+    ref, rst = train("triton", *mode, grads=gs)
+    assert set(st) == set(rst)
+    for k in st:
+        assert st[k].dtype == rst[k].dtype
+        assert torch.equal(st[k], rst[k]), k
+    assert torch.equal(ours, ref)
+    assert C.compile_seconds, "the compiled step did not run"
+
+
+def test_amp_unscaling_matches_the_kernel_bit_for_bit():
+    gs = grads_for(1000)
+    ours, st = train("torch", torch.float32, torch.bfloat16, False, grads=gs, scaler=1024.0)
+    ref, rst = train("triton", torch.float32, torch.bfloat16, False, grads=gs, scaler=1024.0)
+    assert torch.equal(ours, ref)
+    assert all(torch.equal(st[k], rst[k]) for k in st)
+
+
+def _ulp_position(x32: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Where the exact fp32 value x lies between its two bf16 neighbours (0 = the lower one,
+    1 = the upper one), checking that ``r`` is one of them."""
+    lo = (x32.view(torch.int32) & -65536).view(torch.float32)  # truncation toward zero
+    hi_bits = (x32.view(torch.int32) & -65536) + 65536
+    hi = hi_bits.view(torch.float32)
+    r32 = r.float()
+    assert bool(((r32 == lo) | (r32 == hi) | (x32 == lo)).all()), "not a neighbour"
+    return ((x32 - lo) / (hi - lo)).double()
+
+
+@pytest.mark.parametrize("what", ["state", "param"])
+def test_stochastic_rounding_is_unbiased_and_matches_the_kernel_in_distribution(what):
+    """One step from a known state: the fp32 result is computed in fp64 from the same inputs;
+    both backends must round each element to one of its bf16 neighbours, up with probability
+    equal to its position between them."""
+    n = 80_000
+    gs = [torch.randn(n), torch.randn(n)]
+    kw = dict(sr=True) if what == "state" else dict(psr=True)
+    pdtype, sdtype = ((torch.float32, torch.bfloat16) if what == "state"
+                      else (torch.bfloat16, torch.float32))
+    results = {}
+    for backend in ("torch", "triton"):
+        p, st = train(backend, pdtype, sdtype, False, steps=1, grads=gs, **kw)
+        results[backend] = st["exp_avg_sq"] if what == "state" else p
+    # The fp32 value before rounding, as both compute it: v = 0 * beta + ((1 - beta) * g) * g
+    # in fp32 for the state; for the param, what the same step stores as its fp32 master.
+    if what == "state":
+        exact = (torch.tensor(1 - 0.9, dtype=torch.float32) * gs[1]) * gs[1]
+    else:
+        p, st = train("triton", torch.bfloat16, torch.float32, True, steps=1, grads=gs)
+        exact = st["master_param"]
+    up = {}
+    for backend, r in results.items():
+        pos = _ulp_position(exact, r)
+        rounded_up = (r.float() != (exact.view(torch.int32) & -65536).view(torch.float32))
+        inexact = pos > 0
+        # E[rounded up] = position: the mean difference is ~N(0, sqrt(sum p(1-p)))
+        diff = (rounded_up[inexact].double() - pos[inexact]).sum()
+        sd = (pos[inexact] * (1 - pos[inexact])).sum().sqrt()
+        assert abs(float(diff / sd)) < 5, (backend, float(diff / sd))
+        up[backend] = rounded_up
+    # Same distribution, different draws: the two agree where the rounding is forced and on
+    # about as many elements as independent draws would.
+    agree = (up["torch"] == up["triton"]).double().mean()
+    assert 0.5 < float(agree) < 0.999
+
+
+def test_stochastic_rounding_is_reproducible_and_varies_with_seed_step_and_tensor():
+    gs = grads_for(5000, steps=2)
+    a = train("torch", torch.float32, torch.bfloat16, False, sr=True, grads=gs, steps=2)[1]
+    b = train("torch", torch.float32, torch.bfloat16, False, sr=True, grads=gs, steps=2)[1]
+    c = train("torch", torch.float32, torch.bfloat16, False, sr=True, grads=gs, steps=2,
+              seed=8)[1]
+    assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"],
+                                                                   b["exp_avg_sq"])
+    assert not torch.equal(a["exp_avg_sq"], c["exp_avg_sq"])
+    # element-level noise: neighbouring keys (tensors) and steps give unrelated bits
+    keys = torch.tensor([1, 2], dtype=torch.int32)
+    r0 = C.random_bits(100_000, keys) & 0xFFFF
+    r1 = C.random_bits(100_000, keys + torch.tensor([1, 0], dtype=torch.int32)) & 0xFFFF
+    r2 = C.random_bits(100_000, keys + torch.tensor([0, 1], dtype=torch.int32)) & 0xFFFF
+    for other in (r1, r2):
+        corr = torch.corrcoef(torch.stack([r0.double(), other.double()]))[0, 1]
+        assert abs(float(corr)) < 0.02
+    u = r0.double() / 65536
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+
+
+def test_nan_and_inf_survive_stochastic_rounding():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0 + 2 ** -9, 1.0, 3.0e38])
+    for noise, up in ((0xFFFF, True), (0, False)):
+        out = C.round_bf16(x, torch.full((6,), noise, dtype=torch.int32)).float()
+        assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf")
+        assert out[3] == (1.0 + 2 ** -7 if up else 1.0)  # between two bf16s: noise decides
+        assert out[4] == 1.0  # exact in bf16: never moved
+
+
+def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
+    """No C++ compiler: one RuntimeWarning, then the torch-op path, same results."""
+    script = f"""
+import warnings, torch
+from tiedadam import TiedAdamW
+warnings.simplefilter("always")
+out = []
+for backend_env in range(2):
+    p = torch.nn.Parameter(torch.arange(64.0) / 64)
+    opt = TiedAdamW([p], lr=0.1, backend="torch", state_dtype="bfloat16",
+                    stochastic_rounding=False)
+    with warnings.catch_warnings(record=True) as w:
+        for _ in range(3):
+            p.grad = torch.linspace(-1, 1, 64)
+            opt.step()
+    out.append(p.detach().clone())
+    print("warnings", sum("compile of the CPU step failed" in str(x.message) for x in w))
+print("same", torch.equal(out[0], out[1]))
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CC=str(tmp_path / "no-cc"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), TIEDADAM_CPU_COMPILE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["warnings", "1", "warnings", "0", "same", "True"], proc.stdout

@@ -1,0 +1,175 @@
+"""The tied-beta AdamW update for CPU tensors, in one pass over memory, for the modes torch's
+fused AdamW does not cover: bf16 states (rounded to nearest or stochastically), fp32 master
+weights for bf16/fp16 params, pure bf16 params. One elementwise function that torch.compile
+(inductor) turns into one vectorised C++ loop over the tensor; nothing hand-written in C++.
+
+Math: the Triton kernel's (module docstring of ``tied_adamw.py``), operation for operation in
+fp32, with the same per-tensor scalars (``scalars``), so round-to-nearest results equal the
+kernel's bit for bit (tests/test_cpu_step.py). Inductor compiles without floating-point
+contraction (its default), as the kernel does (``ENABLE_FP_FUSION = False``).
+
+Note [cpu rng]
+--------------
+Stochastic rounding adds 16 random bits below a bf16's last bit and truncates (unbiased:
+E[round(x)] = x), as the kernel does. The kernel's bits come from Philox-4x32, whose 32x32->64
+bit multiplies have no AVX2 vector instruction; emulated in vectorised int64 code they would
+cost more than the rest of the step. Here each element's 32 bits are a counter-based hash of
+its index under the (tensor, step) key k = mix(stream key, t) (``optim/rng.py``): two rounds of
+Wellons' lowbias32 (xor-shift / multiply, 32-bit integer vector operations; best-known
+avalanche for its size), ``h = H(H(i ^ k_lo) ^ k_hi)``. exp_avg takes the low 16 bits,
+exp_avg_sq the high 16; a pure-bf16 param draws one more round. Like the kernel's: reproducible
+from the seed and step (resumed runs round as uninterrupted ones), independent across elements,
+steps and tensors, nothing to checkpoint. Not the kernel's bits: stochastic results agree with
+the Triton kernel in distribution (tests), not bit for bit. Element indices are taken modulo
+2**32 (xor-ed with the index's high word), far beyond any partition size in use.
+
+Note [cpu compile]
+------------------
+One compiled graph per mode (flags), ``dynamic=True`` so that every tensor size shares it. The
+first call of a mode in a process compiles (tens of seconds on a 2-core machine; inductor
+caches the C++ on disk, so later processes load it in seconds); ``compile_seconds`` records
+what each mode cost, for the benchmarks to report. Without a working C++ compiler the caller
+falls back to torch ops (``optim/torch_backend.py``), warning once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import torch
+from torch import Tensor
+
+_MASK16 = 0xFFFF
+_HIGH16 = -65536  # 0xFFFF0000 as int32
+_QNAN = 0x7FC00000
+_LOWBIAS_A = 0x7FEB352D
+_LOWBIAS_B = 0x846CA68B - (1 << 32)  # as int32 (two's complement: same low 32 bits)
+_STREAM1 = 0x632BE5AB  # a second stream for the pure-bf16 param's bits
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int32 bits (torch's >> is arithmetic for signed ints)."""
+    return (x >> k) & ((1 << (32 - k)) - 1)
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 on int32 bits: x ^= x >> 16; x *= A; x ^= x >> 15; x *= B;
+    x ^= x >> 16 (multiplies wrap modulo 2**32, as the vector instructions do)."""
+    x = x ^ _shr(x, 16)
+    x = x * _LOWBIAS_A
+    x = x ^ _shr(x, 15)
+    x = x * _LOWBIAS_B
+    return x ^ _shr(x, 16)
+
+
+def random_bits(n: int, keys: Tensor, stream: int = 0) -> Tensor:
+    """int32 [n]: 32 random bits per element for key (k_lo, k_hi) = ``keys`` (Note [cpu rng])."""
+    idx = torch.arange(n, dtype=torch.int64)
+    lo = (idx ^ (idx >> 32)).to(torch.int32)
+    h = _lowbias32(lo ^ keys[0])
+    h = _lowbias32(h ^ keys[1])
+    if stream:
+        h = _lowbias32(h ^ stream)
+    return h
+
+
+def round_bf16(x: Tensor, r16: Tensor | None) -> Tensor:
+    """fp32 -> bf16: to nearest even (``r16`` None; torch's conversion, the kernel's bits), or
+    stochastically with 16 random bits ``r16`` (int32 in [0, 2**16)): the same integer
+    construction as the kernel's ``_round_to_bf16``, NaN made canonical first so that the noise
+    cannot carry into the sign bit; infinities stay infinite (their low 16 bits are 0)."""
+    if r16 is None:
+        return x.to(torch.bfloat16)
+    bits = x.view(torch.int32).clamp(max=_QNAN) + r16
+    return (bits & _HIGH16).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
+
+
+def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
+                    s: Tensor, keys: Tensor, has_master: bool, has_scale: bool,
+                    state_sr: bool, param_sr: bool) -> None:
+    """One step of one flat CPU tensor, in place. ``s`` fp32 [9] = ``scalars(...)``; ``keys``
+    int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``)."""
+    decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale = (s[i] for i in range(8))
+    gf = g.float()
+    if has_scale:
+        gf = gf * inv_scale
+        g.copy_(gf)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
+    pf = w if has_master else p.float()
+    mf = m.float()
+    vf = v.float()
+    pf = pf * decay
+    d = gf - mf
+    mf = torch.where(omb < 0.5, mf, gf) + coef * d  # torch's lerp_, as the kernel writes it
+    vf = vf * beta + omb * gf * gf
+    q = mf / (torch.sqrt(vf) / bc_sqrt + eps)
+    pf = pf - step_size * q
+    r = random_bits(p.numel(), keys) if state_sr or param_sr else None
+    if m.dtype == torch.bfloat16:
+        m.copy_(round_bf16(mf, r & _MASK16 if state_sr else None))
+        v.copy_(round_bf16(vf, _shr(r, 16) if state_sr else None))
+    else:
+        m.copy_(mf)
+        v.copy_(vf)
+    if has_master:
+        w.copy_(pf)
+    if param_sr:
+        p.copy_(round_bf16(pf, random_bits(p.numel(), keys, _STREAM1) & _MASK16))
+    else:
+        p.copy_(pf)  # fp32, or the nearest bf16/fp16
+
+
+def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
+            inv_scale: float = 1.0) -> Tensor:
+    """fp32 [9]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
+    computes them (c = 1 - exp(t log beta)), then rounded to fp32."""
+    c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+    omb = 1.0 - beta
+    beta32 = float(torch.tensor(beta, dtype=torch.float32))
+    coef = omb if float(torch.tensor(omb, dtype=torch.float32)) < 0.5 else -beta32
+    return torch.tensor([1.0 - lr * weight_decay, omb, beta, coef, lr / c, math.sqrt(c), eps,
+                         inv_scale, 0.0], dtype=torch.float32)
+
+
+compile_seconds: dict[tuple, float] = {}  # mode flags -> seconds its first call took
+_compiled = None
+_broken: str | None = None
+
+
+def _step_fn():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(tied_adamw_step, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+def compiled_available() -> bool:
+    """False once compiling failed in this process (then callers use torch ops)."""
+    return _broken is None
+
+
+def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
+        keys: Tensor, *, has_scale: bool, state_sr: bool, param_sr: bool) -> bool:
+    """Step one contiguous CPU tensor through the compiled function. False (nothing changed)
+    when this process cannot compile (Note [cpu compile]); the first failure warns once."""
+    global _broken
+    if _broken is not None:
+        return False
+    mode = (p.dtype, m.dtype, w is not None, has_scale, state_sr, param_sr)
+    first = mode not in compile_seconds
+    t0 = time.perf_counter()
+    try:
+        _step_fn()(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr)
+    except Exception as e:  # no C++ compiler, or inductor cannot build here
+        if not first:
+            raise
+        _broken = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        warnings.warn(f"tiedadam: torch.compile of the CPU step failed ({_broken}); CPU "
+                      f"tensors in bf16-state, master-weight and bf16-param modes use the "
+                      f"slower torch-op path from now on in this process (a C++ compiler is "
+                      f"needed: inductor builds the step as C++)", RuntimeWarning, stacklevel=3)
+        return False
+    if first:
+        compile_seconds[mode] = time.perf_counter() - t0
+    return True

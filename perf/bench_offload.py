@@ -1,11 +1,26 @@
-"""ZeRO-Offload's optimizer step: one flat fp32 CPU partition (50M elements by default), as
-DeepSpeed hands it to the optimizer under ``offload_optimizer: {"device": "cpu"}``.
+"""ZeRO-Offload's optimizer step: one flat fp32 CPU partition, as DeepSpeed hands it to the
+optimizer under ``offload_optimizer: {"device": "cpu"}``, at each of --numels (50M and 200M
+elements by default).
 
-TiedAdamW (its CPU path: torch's fused AdamW with betas (beta, beta)) against DeepSpeedCPUAdam
-(DeepSpeed's JIT-built AVX op) and torch.optim.AdamW(fused=True). Median of --iters steps,
-timed in rotation (Note [interleaving]).
+TiedAdamW in each CPU mode against DeepSpeedCPUAdam (DeepSpeed's JIT-built AVX op, fp32 moments)
+and torch.optim.AdamW(fused=True):
 
-    python perf/bench_offload.py [--numel 50000000] [--iters 10] [--out DIR]
+    tiedadam                  fp32 moments (torch's fused CPU AdamW, betas (beta, beta))
+    tiedadam-bf16-sr          bf16 moments, stochastic rounding (the default for bf16 state):
+                              the compiled one-pass step (tiedadam/kernels/tied_adamw_cpu.py)
+    tiedadam-bf16-nearest     bf16 moments, round to nearest (compiled step)
+    tiedadam-bf16-torch-ops   bf16 moments, stochastic, on the torch-op path (what runs without
+                              a C++ compiler, and what ran before the compiled step)
+
+Per provider: median step ms (steps timed in rotation, Note [interleaving]), bytes moved per
+parameter and GB/s, host bytes of optimizer state per parameter measured from the tensors (the
+fp32 partition the optimizer steps plus its moments: what ZeRO-Offload keeps in host RAM), the
+process's resident-memory growth from creating the optimizer through its first step, the ratio
+to DeepSpeedCPUAdam and to torch fused, and the first call's seconds (the compiled modes compile
+there: reported, not hidden). All providers step the same partition and grad (the timing does
+not depend on the values), so 200M fits in host RAM.
+
+    python perf/bench_offload.py [--numels 50000000,200000000] [--iters 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,71 +29,169 @@ import argparse
 import gc
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT_HELP, SCRATCH, machine, median_time, progress, versions, write_json  # noqa: E402
+from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
 from providers import Unavailable, make_optimizer  # noqa: E402
 
-BYTES_PER_PARAM = 28  # read p, g, m, v (16 B) + write p, m, v (12 B), fp32
+BF16 = torch.bfloat16
+# name -> (provider, TiedAdamW options, bytes moved per parameter, compiled CPU step on)
+MODES = {
+    "tiedadam": ("tiedadam", {}, 28, True),
+    "tiedadam-bf16-sr": ("tiedadam", dict(state_dtype=BF16), 20, True),
+    "tiedadam-bf16-nearest": ("tiedadam", dict(state_dtype=BF16, stochastic_rounding=False),
+                              20, True),
+    "tiedadam-bf16-torch-ops": ("tiedadam", dict(state_dtype=BF16), 20, False),
+    "deepspeed-cpu": ("deepspeed-cpu", None, 28, True),
+    "torch-fused": ("torch-fused", None, 28, True),
+}
+DEFAULT = "tiedadam,tiedadam-bf16-sr,tiedadam-bf16-nearest,deepspeed-cpu,torch-fused"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def state_bytes_per_param(opt, param) -> float:
+    """(bytes of the partition + every state tensor) / numel, from the tensors themselves."""
+    inner = getattr(opt, "opt", opt)
+    st = inner.state[param]
+    held = param.numel() * param.element_size()
+    held += sum(v.numel() * v.element_size() for v in st.values()
+                if torch.is_tensor(v) and v.numel() > 1)
+    return held / param.numel()
+
+
+class _Step:
+    """One provider's step, with the compiled CPU step switched on or off around it."""
+
+    def __init__(self, opt, compiled: bool):
+        from tiedadam.optim import torch_backend
+        self.opt, self.compiled, self.backend = opt, compiled, torch_backend
+
+    def __call__(self):
+        saved = self.backend.USE_COMPILED_CPU_STEP
+        self.backend.USE_COMPILED_CPU_STEP = self.compiled
+        try:
+            self.opt.step()
+        finally:
+            self.backend.USE_COMPILED_CPU_STEP = saved
+
+
+def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[list, dict]:
+    from tiedadam import TiedAdamW
+    param = torch.nn.Parameter(torch.randn(numel) * 0.02)
+    param.grad = torch.randn_like(param) * 1e-3
+    steps, rows, skipped = {}, {}, {}
+    for name in names:
+        provider, options, moved, compiled = MODES[name]
+        gc.collect()
+        before = rss_bytes()
+        try:
+            if options is None:
+                opt = make_optimizer(provider, [param], lr=1e-4, beta=0.95, device="cpu")
+            else:
+                opt = TiedAdamW([param], lr=1e-4, beta=0.95, weight_decay=0.01, **options)
+        except Unavailable as e:
+            skipped[name] = str(e)
+            progress(f"{name} skipped: {e}")
+            continue
+        step = _Step(opt, compiled)
+        t0 = time.perf_counter()
+        step()  # creates the state; the compiled modes compile here
+        first = time.perf_counter() - t0
+        steps[name] = step
+        rows[name] = dict(provider=name, numel=numel, bytes_moved_per_param=moved,
+                          first_step_s=first, rss_growth_bytes=rss_bytes() - before,
+                          state_bytes_per_param=state_bytes_per_param(opt, param))
+        progress(f"  {name}: first step {first:.1f} s")
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    # Note [interleaving]: the providers' steps are timed in rotation (one step each, round
+    # after round) so that drifts in the machine's memory bandwidth, large on shared VMs, hit
+    # all of them alike; sequential blocks measured the same kernel 12 ms and 21 ms apart.
+    times = {name: [] for name in steps}
+    for i in range(iters):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    out = []
+    for name, ts in times.items():
+        ts = sorted(ts)
+        r = rows[name]
+        r.update(median_s=ts[len(ts) // 2], min_s=ts[0], max_s=ts[-1], iters=len(ts))
+        r["bandwidth_Bps"] = r["bytes_moved_per_param"] * numel / r["median_s"]
+        r["params_per_s"] = numel / r["median_s"]
+        out.append(r)
+    for ref, key in (("deepspeed-cpu", "speedup_vs_deepspeed_cpu_adam"),
+                     ("torch-fused", "speedup_vs_torch_fused")):
+        base = rows.get(ref) if ref in times else None
+        for r in out:
+            r[key] = base["median_s"] / r["median_s"] if base else None
+    del steps
+    gc.collect()
+    return out, skipped
+
+
+TARGETS = {"tiedadam-bf16-sr": ("speedup_vs_deepspeed_cpu_adam", 1.0),
+           "tiedadam-bf16-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.0)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
-    ap.add_argument("--numel", type=int, default=50_000_000)
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--numels", default="50000000,200000000")
+    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--providers", default="tiedadam,deepspeed-cpu,torch-fused")
+    ap.add_argument("--providers", default=DEFAULT, help=f"any of {', '.join(MODES)}")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--inductor-cache", default=None,
+                    help="inductor's cache directory (default: a new empty one, so that the "
+                         "first step's seconds are a cold compile and no kernel compiled for "
+                         "another thread count is reused: Note [compile threads] in "
+                         "tiedadam/kernels/tied_adamw_cpu.py)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # Note [interleaving]: the providers' steps are timed in rotation (one step each, round
-    # after round) so that drifts in the machine's memory bandwidth, large on shared VMs, hit
-    # all of them alike; sequential blocks measured the same kernel 12 ms and 21 ms apart.
-    opts, skipped = {}, {}
-    for name in args.providers.split(","):
-        p = torch.nn.Parameter(torch.randn(args.numel) * 0.02)
-        p.grad = torch.randn_like(p) * 1e-3
-        try:
-            opts[name] = make_optimizer(name, [p], lr=1e-4, beta=0.95, device="cpu")
-        except Unavailable as e:
-            skipped[name] = str(e)
-            progress(f"{name} skipped: {e}")
-    for _ in range(args.warmup):
-        for opt in opts.values():
-            opt.step()
-    times = {name: [] for name in opts}
-    for i in range(args.iters):
-        for name, opt in opts.items():
-            times[name].append(median_time(opt.step, warmup=0, iters=1, device="cpu")["median_s"])
-        if (i + 1) % 10 == 0:
-            progress(f"round {i + 1}/{args.iters}")
-    rows = []
-    for name, ts in times.items():
-        ts = sorted(ts)
-        med = ts[len(ts) // 2]
-        rows.append(dict(provider=name, numel=args.numel, median_s=med, min_s=ts[0],
-                         max_s=ts[-1], iters=len(ts), bandwidth_Bps=BYTES_PER_PARAM * args.numel / med,
-                         params_per_s=args.numel / med))
-    del opts
-    gc.collect()
-    ds = next((r for r in rows if r["provider"] == "deepspeed-cpu"), None)
-    for r in rows:
-        r["speedup_vs_deepspeed_cpu_adam"] = ds["median_s"] / r["median_s"] if ds else None
+    if args.inductor_cache is None:
+        import tempfile
+        args.inductor_cache = tempfile.mkdtemp(prefix="bench_offload_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache
+    names = args.providers.split(",")
+    unknown = [n for n in names if n not in MODES]
+    if unknown:
+        ap.error(f"unknown providers {unknown}: choose from {', '.join(MODES)}")
+    rows, skipped = [], {}
+    for numel in (int(x) for x in args.numels.split(",")):
+        progress(f"{numel:,}-element partition")
+        r, s = run_size(numel, names, args.iters, args.warmup)
+        rows += r
+        skipped.update(s)
+    from tiedadam.kernels import tied_adamw_cpu
+    compile_s = {str(k): v for k, v in tied_adamw_cpu.compile_seconds.items()}
     path = write_json(args.out, "bench_offload.json", dict(
-        what="ZeRO-Offload optimizer step on one flat fp32 CPU partition",
+        what="ZeRO-Offload optimizer step on one flat fp32 CPU partition, per TiedAdamW mode",
         machine_before=machine(), versions=versions(), config=vars(args), skipped=skipped,
+        compile_seconds=compile_s, targets={k: f"{m} >= {v}" for k, (m, v) in TARGETS.items()},
         results=rows))
-    print(f"\nZeRO-Offload step, {args.numel:,}-element fp32 partition, {args.threads} threads")
-    print(f"{'provider':<16}{'ms':>9}{'GB/s':>8}{'Mparam/s':>10}{'vs DS CPUAdam':>15}")
+    print(f"\nZeRO-Offload step, fp32 partition, {args.threads} threads")
+    print(f"{'provider':<25}{'numel':>13}{'ms':>9}{'GB/s':>7}{'B/param':>9}{'RSS MB':>9}"
+          f"{'vs DS':>8}{'vs fused':>10}{'first s':>9}")
     for r in rows:
         vs = r["speedup_vs_deepspeed_cpu_adam"]
-        print(f"{r['provider']:<16}{r['median_s'] * 1e3:>9.1f}{r['bandwidth_Bps'] / 1e9:>8.1f}"
-              f"{r['params_per_s'] / 1e6:>10.0f}{(f'{vs:.2f}x' if vs else '-'):>15}")
+        vf = r["speedup_vs_torch_fused"]
+        print(f"{r['provider']:<25}{r['numel']:>13,}{r['median_s'] * 1e3:>9.1f}"
+              f"{r['bandwidth_Bps'] / 1e9:>7.1f}{r['state_bytes_per_param']:>9.1f}"
+              f"{r['rss_growth_bytes'] / 2**20:>9.0f}{(f'{vs:.2f}x' if vs else '-'):>8}"
+              f"{(f'{vf:.2f}x' if vf else '-'):>10}{r['first_step_s']:>9.1f}")
     for k, v in skipped.items():
         print(f"skipped {k}: {v}")
+    print(f"compile seconds per compiled mode: {compile_s}")
     print(f"wrote {path}")
     return 0
 

@@ -98,12 +98,17 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
     d = _load(rel)
     if d is None:
         return f"*(no results file `{rel}` yet)*"
-    lines = ["| provider | step ms | GB/s | Mparam/s | vs DeepSpeedCPUAdam |", "|---|---:|---:|---:|---:|"]
+    lines = ["| provider | partition | step ms | GB/s | state B/param | RSS growth MB | "
+             "vs DeepSpeedCPUAdam | vs torch fused | first step s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["results"]:
-        vs = r.get("speedup_vs_deepspeed_cpu_adam")
-        lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.1f} | {r['bandwidth_Bps'] / 1e9:.1f} | "
-                     f"{r['params_per_s'] / 1e6:.0f} | {f'{vs:.2f}×' if vs else '–'} |")
-    return "\n".join(lines) + f"\n\n*{d['config']['numel']:,}-element partition; " + machine_line(d)[1:]
+        vs, vf = r.get("speedup_vs_deepspeed_cpu_adam"), r.get("speedup_vs_torch_fused")
+        lines.append(f"| {r['provider']} | {r['numel'] / 1e6:.0f}M | {r['median_s'] * 1e3:.1f} | "
+                     f"{r['bandwidth_Bps'] / 1e9:.1f} | {r['state_bytes_per_param']:.1f} | "
+                     f"{r['rss_growth_bytes'] / 2**20:,.0f} | {f'{vs:.2f}×' if vs else '–'} | "
+                     f"{f'{vf:.2f}×' if vf else '–'} | {r['first_step_s']:.1f} |")
+    return "\n".join(lines) + (f"\n\n*{d['config']['iters']} steps per provider in rotation, "
+                               f"{d['config']['threads']} threads; " + machine_line(d)[1:])
 
 
 def beta_table(rel="perf/results/cpu/beta_study.json") -> str:

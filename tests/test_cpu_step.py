@@ -157,7 +157,7 @@ def test_nan_and_inf_survive_stochastic_rounding():
 
 def test_without_a_compiler_falls_back_with_one_warning(tmp_path):
     """No C++ compiler: one RuntimeWarning, then the torch-op path, same results."""
-    script = f"""
+    script = """
 import warnings, torch
 from tiedadam import TiedAdamW
 warnings.simplefilter("always")

@@ -30,6 +30,29 @@ first call of a mode in a process compiles (tens of seconds on a 2-core machine;
 caches the C++ on disk, so later processes load it in seconds); ``compile_seconds`` records
 what each mode cost, for the benchmarks to report. Without a working C++ compiler the caller
 falls back to torch ops (``optim/torch_backend.py``), warning once.
+
+Note [compile threads]
+----------------------
+Inductor writes the OpenMP loop only when the process has more than one thread at compile time,
+and its on-disk cache does not key on the thread count: a step compiled in a 1-thread process
+(a test run under OMP_NUM_THREADS=1) is loaded, serial, by a later 2-thread process with the
+same cache directory. Measured on the 2-core dev VM: 2.5 ns per element instead of 1.4 for the
+bf16-state step. Set the thread count before the first step (DeepSpeed does), and keep test
+runs and training runs in different TORCHINDUCTOR_CACHE_DIRs. perf/bench_offload.py compiles in
+a fresh cache directory for this reason.
+
+Note [cpu tiling]
+-----------------
+Why the bf16-state step is not yet faster than the fp32 one, though it moves 20 bytes per
+element instead of 28 (measured on the 2-core dev VM, AVX2, perf/bench_offload.py): inductor
+picks its vector tile from the fp32 width (8 elements) unless *every* node of the kernel involves
+a 16-bit type. Here the param's write-back is a pure fp32 copy node (the new param is realised
+before the in-place moments are overwritten), so the tile is 8, and every bf16 load and store
+moves half a vector (16 of 32 bytes) through a stack buffer. Forcing the 16-element tile (a
+patch of inductor's tiling heuristic, tried, not shipped: it patches private code) ran the
+nearest-rounding step at 15.7 ms against torch's fused fp32 19.8 ms for 20M elements (1.26x);
+unpatched 27 ms (0.73x). The stochastic step additionally pays for its hash (Note [cpu rng]):
+~1.4x the nearest step's time.
 """
 
 from __future__ import annotations

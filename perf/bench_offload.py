@@ -12,6 +12,10 @@ and torch.optim.AdamW(fused=True):
     tiedadam-bf16-torch-ops   bf16 moments, stochastic, on the torch-op path (what runs without
                               a C++ compiler, and what ran before the compiled step)
 
+and, on request, the modes for bf16 params (each with its own bf16 copy of the partition):
+tiedadam-master-bf16 (fp32 master weights and moments), tiedadam-pure-bf16-sr (bf16 moments,
+param rounded stochastically).
+
 Per provider: median step ms (steps timed in rotation, Note [interleaving]), bytes moved per
 parameter and GB/s, host bytes of optimizer state per parameter measured from the tensors (the
 fp32 partition the optimizer steps plus its moments: what ZeRO-Offload keeps in host RAM), the
@@ -45,6 +49,12 @@ MODES = {
     "tiedadam-bf16-nearest": ("tiedadam", dict(state_dtype=BF16, stochastic_rounding=False),
                               20, True),
     "tiedadam-bf16-torch-ops": ("tiedadam", dict(state_dtype=BF16), 20, False),
+    # bf16 params (not ZeRO-Offload's case, whose partitions are fp32; the other CPU modes):
+    # fp32 master + fp32 moments (read p, g bf16, w, m, v; write p bf16, w, m, v: 32 bytes),
+    # pure bf16 with stochastic rounding of the param (bf16 everything: 14 bytes)
+    "tiedadam-master-bf16": ("tiedadam", dict(master_weights=True, param_dtype=BF16), 32, True),
+    "tiedadam-pure-bf16-sr": ("tiedadam", dict(state_dtype=BF16, param_stochastic_rounding=True,
+                                               param_dtype=BF16), 14, True),
     "deepspeed-cpu": ("deepspeed-cpu", None, 28, True),
     "torch-fused": ("torch-fused", None, 28, True),
 }
@@ -91,11 +101,16 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
         provider, options, moved, compiled = MODES[name]
         gc.collect()
         before = rss_bytes()
+        p = param
         try:
             if options is None:
                 opt = make_optimizer(provider, [param], lr=1e-4, beta=0.95, device="cpu")
             else:
-                opt = TiedAdamW([param], lr=1e-4, beta=0.95, weight_decay=0.01, **options)
+                options = dict(options)
+                if "param_dtype" in options:  # its own bf16 param and grad
+                    p = torch.nn.Parameter(param.detach().to(options.pop("param_dtype")))
+                    p.grad = param.grad.to(p.dtype)
+                opt = TiedAdamW([p], lr=1e-4, beta=0.95, weight_decay=0.01, **options)
         except Unavailable as e:
             skipped[name] = str(e)
             progress(f"{name} skipped: {e}")
@@ -107,7 +122,7 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
         steps[name] = step
         rows[name] = dict(provider=name, numel=numel, bytes_moved_per_param=moved,
                           first_step_s=first, rss_growth_bytes=rss_bytes() - before,
-                          state_bytes_per_param=state_bytes_per_param(opt, param))
+                          state_bytes_per_param=state_bytes_per_param(opt, p))
         progress(f"  {name}: first step {first:.1f} s")
     for _ in range(warmup):
         for step in steps.values():

@@ -141,13 +141,13 @@ def parity(rank, world, stage, precision, offload, steps):
 
 
 def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
-    """Uninterrupted run vs save at ``at`` + fresh engine + load + continue."""
+    """Uninterrupted run (saving at ``at``) vs fresh engine + load + continue."""
     data = batches(rank, steps)
     torch.manual_seed(0)
     base = Net()
     cfg = ds_config(stage, precision, offload=offload)
-    whole = train(cfg, copy.deepcopy(base), data, stage=stage)
-    train(cfg, copy.deepcopy(base), data, ckpt=(ckpt_dir, "save", at), stage=stage)
+    # the uninterrupted run saves at ``at`` on its way (saving changes nothing it trains)
+    whole = train(cfg, copy.deepcopy(base), data, ckpt=(ckpt_dir, "save", at), stage=stage)
     torch.manual_seed(123)  # the resumed model starts from different weights: load must fix it
     resumed = train(cfg, Net(), data, ckpt=(ckpt_dir, "load", at), stage=stage)
     return whole, resumed
@@ -155,8 +155,8 @@ def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
 
 def bf16_state_offload(rank, world, steps, at, ckpt_dir):
     """ZeRO-Offload, stages 1-3, ``"state_dtype": "bfloat16"`` in the JSON config (stochastic
-    rounding, the compiled CPU step): an fp32-state run, a bf16-state run, and the bf16-state
-    run saved at ``at``, loaded into a fresh engine and continued."""
+    rounding, the compiled CPU step): an fp32-state run, a bf16-state run that saves at ``at``,
+    and that checkpoint loaded into a fresh engine and continued."""
     from tiedadam.optim import torch_backend
     torch_backend.USE_COMPILED_CPU_STEP = True  # the suite turns it off (tests/conftest.py)
     data = batches(rank, steps)
@@ -167,9 +167,8 @@ def bf16_state_offload(rank, world, steps, at, ckpt_dir):
         cfg32 = ds_config(stage, "fp32", offload=True)
         cfg16 = ds_config(stage, "fp32", offload=True, opt_params={"state_dtype": "bfloat16"})
         fp32 = train(cfg32, copy.deepcopy(base), data, stage=stage)
-        whole = train(cfg16, copy.deepcopy(base), data, stage=stage)
-        train(cfg16, copy.deepcopy(base), data, ckpt=(f"{ckpt_dir}/{stage}", "save", at),
-              stage=stage)
+        whole = train(cfg16, copy.deepcopy(base), data,
+                      ckpt=(f"{ckpt_dir}/{stage}", "save", at), stage=stage)
         resumed = train(cfg16, Net(), data, ckpt=(f"{ckpt_dir}/{stage}", "load", at),
                         stage=stage)
         out[stage] = dict(fp32=fp32, whole=whole, resumed=resumed)

@@ -26,11 +26,13 @@ def compiled(monkeypatch):
     monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
 
 
-# (param dtype, state dtype, master weights): every mode torch's fused AdamW does not cover
-# (bf16 params with bf16 states and nearest rounding are torch's own fused op's case).
-MODES = [(torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
-         (torch.bfloat16, torch.bfloat16, True), (torch.bfloat16, torch.float32, False),
-         (torch.float16, torch.float32, True)]
+# (param dtype, state dtype, master weights): the modes torch's fused AdamW does not cover
+# (bf16 params with bf16 states and nearest rounding are torch's own fused op's case): bf16
+# moments; master weights with bf16 moments; a bf16 param rounded from fp32 math without a
+# master. (fp16 + master differs from bf16 + master only in the final cast, torch's own; each
+# mode is a separate compile, tens of seconds on the CI machine.)
+MODES = [(torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.bfloat16, True),
+         (torch.bfloat16, torch.float32, False)]
 
 
 def train(backend, pdtype, sdtype, master, *, sr=False, psr=False, n=3001, steps=3, seed=7,

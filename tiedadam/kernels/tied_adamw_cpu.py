@@ -46,9 +46,13 @@ Note [cpu tiling]
 Why the bf16-state step is not yet faster than the fp32 one, though it moves 20 bytes per
 element instead of 28 (measured on the 2-core dev VM, AVX2, perf/bench_offload.py): inductor
 picks its vector tile from the fp32 width (8 elements) unless *every* node of the kernel involves
-a 16-bit type. Here the param's write-back is a pure fp32 copy node (the new param is realised
-before the in-place moments are overwritten), so the tile is 8, and every bf16 load and store
-moves half a vector (16 of 32 bytes) through a stack buffer. Forcing the 16-element tile (a
+a 16-bit type (``TilingSelect.select_tiling`` in torch/_inductor/codegen/cpp.py). An in-place
+update of an input that reads the input (p = p * decay - ...) is lowered as a computed buffer
+plus a copy node into the input; for the fp32 param that copy node is pure fp32, so the tile is
+8 (fp32 params with bf16 moments, ZeRO-Offload's case), and every bf16 load and store moves
+half a vector (16 of 32 bytes) through a stack buffer. No formulation of the step avoids that
+node while keeping one pass; the fix belongs in inductor's heuristic (a pure copy should not
+veto the 16-bit tile). Forcing the 16-element tile (a
 patch of inductor's tiling heuristic, tried, not shipped: it patches private code) ran the
 nearest-rounding step at 15.7 ms against torch's fused fp32 19.8 ms for 20M elements (1.26x);
 unpatched 27 ms (0.73x). The stochastic step additionally pays for its hash (Note [cpu rng]):

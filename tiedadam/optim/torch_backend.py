@@ -102,9 +102,14 @@ def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | N
                        grad_scale: Tensor | None, found_inf: Tensor | None, key: int,
                        state_sr: bool, param_sr: bool) -> bool:
     """One CPU tensor through the compiled one-pass step (kernels/tied_adamw_cpu.py); False
-    when it cannot take it (a layout it does not walk, or no compiler: torch ops then)."""
+    when it cannot take it (a layout it does not walk, a tensor of 0 or 1 elements, or no
+    compiler: torch ops then)."""
     if not USE_COMPILED_CPU_STEP or not (p.is_contiguous() and g.is_contiguous()
                                          and m.is_contiguous() and v.is_contiguous()):
+        return False
+    if p.numel() <= 1:
+        # dynamo specialises sizes 0 and 1 even under dynamic=True: one more compile each,
+        # for tensors where one pass over memory buys nothing
         return False
     from ..kernels import tied_adamw_cpu as C
     if not C.compiled_available():

@@ -116,7 +116,7 @@ def round_bf16(x: Tensor, r16: Tensor | None) -> Tensor:
 def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                     s: Tensor, keys: Tensor, has_master: bool, has_scale: bool,
                     state_sr: bool, param_sr: bool) -> None:
-    """One step of one flat CPU tensor, in place. ``s`` fp32 [9] = ``scalars(...)``; ``keys``
+    """One step of one flat CPU tensor, in place. ``s`` fp32 [8] = ``scalars(...)``; ``keys``
     int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``)."""
     decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale = (s[i] for i in range(8))
     gf = g.float()
@@ -149,14 +149,14 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
 
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
             inv_scale: float = 1.0) -> Tensor:
-    """fp32 [9]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
+    """fp32 [8]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
     computes them (c = 1 - exp(t log beta)), then rounded to fp32."""
     c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
     omb = 1.0 - beta
     beta32 = float(torch.tensor(beta, dtype=torch.float32))
     coef = omb if float(torch.tensor(omb, dtype=torch.float32)) < 0.5 else -beta32
     return torch.tensor([1.0 - lr * weight_decay, omb, beta, coef, lr / c, math.sqrt(c), eps,
-                         inv_scale, 0.0], dtype=torch.float32)
+                         inv_scale], dtype=torch.float32)
 
 
 compile_seconds: dict[tuple, float] = {}  # mode flags -> seconds its first call took

@@ -148,6 +148,27 @@ def test_stochastic_rounding_is_reproducible_and_varies_with_seed_step_and_tenso
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
 
 
+def test_wide_index_draws_the_same_bits_as_the_int32_index():
+    # Note [cpu index]: tensors of 2**31 elements or more hash an int64 index with its high
+    # word folded in; below 2**31 that is the int32 index's value, so both give the same bits.
+    # (A 2**31-element tensor is 8 GB: the wide graph is checked eagerly, on a small tensor.)
+    keys = torch.randint(-2 ** 31, 2 ** 31, (2,), dtype=torch.int64).to(torch.int32)
+    for stream in (0, C._STREAM1):
+        assert torch.equal(C.random_bits(4099, keys, stream, wide=True),
+                           C.random_bits(4099, keys, stream, wide=False))
+    n = 4099
+    s = C.scalars(1e-2, 0.9, 1e-8, 0.1, 3.0)
+    base = [torch.randn(n), torch.randn(n), torch.randn(n), torch.rand(n)]
+    outs = []
+    for wide in (False, True):
+        p, g, m, v = (t.clone() for t in base)
+        p, m, v = p.bfloat16(), m.bfloat16(), v.bfloat16()
+        C.tied_adamw_step(p, g.bfloat16(), m, v, None, s, keys, False, False, True, True, wide)
+        outs.append((p, m, v))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_nan_and_inf_survive_stochastic_rounding():
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0 + 2 ** -9, 1.0, 3.0e38])
     for noise, up in ((0xFFFF, True), (0, False)):

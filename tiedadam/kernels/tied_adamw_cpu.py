@@ -43,20 +43,37 @@ a fresh cache directory for this reason.
 
 Note [cpu tiling]
 -----------------
-Why the bf16-state step is not yet faster than the fp32 one, though it moves 20 bytes per
-element instead of 28 (measured on the 2-core dev VM, AVX2, perf/bench_offload.py): inductor
-picks its vector tile from the fp32 width (8 elements) unless *every* node of the kernel involves
-a 16-bit type (``TilingSelect.select_tiling`` in torch/_inductor/codegen/cpp.py). An in-place
-update of an input that reads the input (p = p * decay - ...) is lowered as a computed buffer
-plus a copy node into the input; for the fp32 param that copy node is pure fp32, so the tile is
-8 (fp32 params with bf16 moments, ZeRO-Offload's case), and every bf16 load and store moves
-half a vector (16 of 32 bytes) through a stack buffer. No formulation of the step avoids that
-node while keeping one pass; the fix belongs in inductor's heuristic (a pure copy should not
-veto the 16-bit tile). Forcing the 16-element tile (a
-patch of inductor's tiling heuristic, tried, not shipped: it patches private code) ran the
-nearest-rounding step at 15.7 ms against torch's fused fp32 19.8 ms for 20M elements (1.26x);
-unpatched 27 ms (0.73x). The stochastic step additionally pays for its hash (Note [cpu rng]):
-~1.4x the nearest step's time.
+Inductor picks its vector tile from the fp32 width (8 elements on AVX2) unless *every* node of
+the fused kernel involves a 16-bit type; then 16 (``TilingSelect.select_tiling`` in
+torch/_inductor/codegen/cpp.py). At 8, each bf16 load and store moves half a vector through a
+stack buffer, and the bf16-state step (20 bytes per element) ran slower than torch's fused fp32
+step (28): 27 ms against 19.8 for 20M elements on the 2-core dev VM.
+
+The node that held the tile at 8 was a copy. ``p.copy_(new_p)`` on an input that the new value
+also reads is lowered as a computed buffer plus a pure copy into the input, and for an fp32
+param that copy touches nothing but fp32. ``torch._foreach_copy_`` of all outputs at once is
+lowered differently: inductor writes each computed value straight into its input (no copy
+node, the path torch.optim's compiled foreach step takes), so every node reads a bf16 moment
+and the tile is 16. Measured (``tied_adamw_step`` at 50M, the same run, steps in rotation):
+nearest rounding 41.7 ms against torch's fused fp32 46.7 ms.
+
+Stochastic rounding keeps the per-output copies on purpose (the 8-wide tile) when the param is
+fp32: its integer hash and the int32/fp32 bit casts, which inductor's vector code does element
+by element through a stack buffer (``_scalarize`` in the same file), ran slower 16 wide (97.7
+against 90.2 ms at 50M, same run). The bit casts, not the hash, are what stochastic rounding
+costs (measured at 20M by removing each in turn: without the hash 38.5 ms, without the casts
+26.3, with both 38.9, nearest 15.5). A float-only formulation that gives the same bits (the
+truncation point from a round trip through bf16 and Rump's ufp(x) = |q - (1 - 2^-24) q|,
+q = (2^23 + 1) x) was tried and was slower: 42-67 ms, more vector operations than the casts it
+saves. Modes that still run 8 wide: AMP unscaling of an fp32 grad (its write-back is fp32 only)
+and fp32 master weights (the master's write-back copies a buffer both outputs read).
+
+Note [cpu index]
+----------------
+The element index is hashed as int32 (``torch.arange(n, dtype=torch.int32)``): vectorised 32-bit
+lanes. An int64 index costs AVX2 a scalar 64-bit shift and narrowing (39 against 59 ms at 20M).
+Tensors of 2**31 elements or more (``wide``, a separate compile) take the int64 index and fold
+its high word in: the same bits as the int32 path below 2**31.
 """
 
 from __future__ import annotations
@@ -74,6 +91,7 @@ _QNAN = 0x7FC00000
 _LOWBIAS_A = 0x7FEB352D
 _LOWBIAS_B = 0x846CA68B - (1 << 32)  # as int32 (two's complement: same low 32 bits)
 _STREAM1 = 0x632BE5AB  # a second stream for the pure-bf16 param's bits
+_INT32_MAX = (1 << 31) - 1
 
 
 def _shr(x: Tensor, k: int) -> Tensor:
@@ -91,10 +109,14 @@ def _lowbias32(x: Tensor) -> Tensor:
     return x ^ _shr(x, 16)
 
 
-def random_bits(n: int, keys: Tensor, stream: int = 0) -> Tensor:
-    """int32 [n]: 32 random bits per element for key (k_lo, k_hi) = ``keys`` (Note [cpu rng])."""
-    idx = torch.arange(n, dtype=torch.int64)
-    lo = (idx ^ (idx >> 32)).to(torch.int32)
+def random_bits(n: int, keys: Tensor, stream: int = 0, wide: bool = False) -> Tensor:
+    """int32 [n]: 32 random bits per element for key (k_lo, k_hi) = ``keys`` (Note [cpu rng]).
+    ``wide`` for n > 2**31 - 1 (Note [cpu index]); the bits are the same either way."""
+    if wide:
+        idx = torch.arange(n, dtype=torch.int64)
+        lo = (idx ^ (idx >> 32)).to(torch.int32)
+    else:
+        lo = torch.arange(n, dtype=torch.int32)
     h = _lowbias32(lo ^ keys[0])
     h = _lowbias32(h ^ keys[1])
     if stream:
@@ -115,14 +137,14 @@ def round_bf16(x: Tensor, r16: Tensor | None) -> Tensor:
 
 def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                     s: Tensor, keys: Tensor, has_master: bool, has_scale: bool,
-                    state_sr: bool, param_sr: bool) -> None:
+                    state_sr: bool, param_sr: bool, wide: bool = False) -> None:
     """One step of one flat CPU tensor, in place. ``s`` fp32 [8] = ``scalars(...)``; ``keys``
-    int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``)."""
+    int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``); ``wide`` for tensors
+    of 2**31 elements or more (Note [cpu index])."""
     decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale = (s[i] for i in range(8))
     gf = g.float()
     if has_scale:
         gf = gf * inv_scale
-        g.copy_(gf)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
     pf = w if has_master else p.float()
     mf = m.float()
     vf = v.float()
@@ -132,19 +154,29 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
     vf = vf * beta + omb * gf * gf
     q = mf / (torch.sqrt(vf) / bc_sqrt + eps)
     pf = pf - step_size * q
-    r = random_bits(p.numel(), keys) if state_sr or param_sr else None
+    n = p.numel()
+    r = random_bits(n, keys, wide=wide) if state_sr or param_sr else None
     if m.dtype == torch.bfloat16:
-        m.copy_(round_bf16(mf, r & _MASK16 if state_sr else None))
-        v.copy_(round_bf16(vf, _shr(r, 16) if state_sr else None))
+        mn = round_bf16(mf, r & _MASK16 if state_sr else None)
+        vn = round_bf16(vf, _shr(r, 16) if state_sr else None)
     else:
-        m.copy_(mf)
-        v.copy_(vf)
-    if has_master:
-        w.copy_(pf)
+        mn, vn = mf, vf
     if param_sr:
-        p.copy_(round_bf16(pf, random_bits(p.numel(), keys, _STREAM1) & _MASK16))
+        pn = round_bf16(pf, random_bits(n, keys, _STREAM1, wide) & _MASK16)
     else:
-        p.copy_(pf)  # fp32, or the nearest bf16/fp16
+        pn = pf.to(p.dtype)  # fp32, or the nearest bf16/fp16
+    dst, src = [p, m, v], [pn, mn, vn]
+    if has_master:
+        dst.append(w)
+        src.append(pf)
+    if has_scale:
+        dst.append(g)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
+        src.append(gf.to(g.dtype))
+    if state_sr and not param_sr and p.dtype == torch.float32:
+        for d_, s_ in zip(dst, src):  # the 8-wide tile (Note [cpu tiling])
+            d_.copy_(s_)
+    else:
+        torch._foreach_copy_(dst, src)  # the 16-wide tile (Note [cpu tiling])
 
 
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
@@ -183,11 +215,12 @@ def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
     global _broken
     if _broken is not None:
         return False
-    mode = (p.dtype, m.dtype, w is not None, has_scale, state_sr, param_sr)
+    wide = p.numel() > _INT32_MAX
+    mode = (p.dtype, m.dtype, w is not None, has_scale, state_sr, param_sr, wide)
     first = mode not in compile_seconds
     t0 = time.perf_counter()
     try:
-        _step_fn()(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr)
+        _step_fn()(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr, wide)
     except Exception as e:  # no C++ compiler, or inductor cannot build here
         if not first:
             raise

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tiedadam import TiedAdamW
+from tiedadam.optim import guard
 from tiedadam.optim.telemetry import to_floats
 from reference import assert_close
 
@@ -463,7 +464,7 @@ def test_parameter_listed_twice_is_refused():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("role", ["param", "exp_avg", "exp_avg_sq", "step"])
-def test_tensor_repointed_in_place_is_followed(backend, role):
+def test_tensor_repointed_in_place_is_followed(backend, role, guard_path):
     """``t.data = ...`` keeps a tensor's identity but moves its memory: the cached plan and
     address table must follow (a stale address would write freed memory)."""
     ours, theirs = pair(70, (9, 3), 5)
@@ -482,6 +483,35 @@ def test_tensor_repointed_in_place_is_followed(backend, role):
 # Cached plans (Note [guard] in tiedadam/optim/guard.py) ----------------------------------------
 # Each case keeps the identity of every object the plan holds but changes something the kernel
 # relies on; the step after it must see the change (follow it, or refuse before anything moves).
+# Each runs on both checks: the per-parameter comparison ("full") and the fast check armed
+# after a step that passed it ("fast", Note [guard fast path]).
+
+@pytest.fixture(params=["fast", "full"])
+def guard_path(request, monkeypatch):
+    if request.param == "full":
+        monkeypatch.setattr(guard, "USE_FAST_GUARD", False)
+    elif not guard.USE_FAST_GUARD:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
+    return request.param
+
+
+def test_fast_guard_is_armed_and_used_in_the_steady_state(monkeypatch):
+    """After a step that passed the full comparison, later steps take the fast check alone
+    (a regression that kept it from arming would go unnoticed otherwise: it is only faster)."""
+    if not guard.USE_FAST_GUARD:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
+    ps, opt = _trained("torch", steps=3)
+    full = []
+    real = guard.Guard._check
+    monkeypatch.setattr(guard.Guard, "_check", lambda *a: full.append(1) or real(*a))
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert full == []
+    opt.state[ps[1]]["exp_avg"] = opt.state[ps[1]]["exp_avg"].clone()  # a new dict version
+    opt.step()
+    assert full == [1]
 
 def _trained(backend, steps=2, **kw):
     ps = [torch.nn.Parameter(torch.randn(9, 3)), torch.nn.Parameter(torch.randn(70))]
@@ -503,7 +533,7 @@ def _trained(backend, steps=2, **kw):
     ("grad_dtype", r"grad of .*dtype torch.float64"),
     ("grad_sparse", r"sparse gradients"),
 ])
-def test_cached_plan_sees_edits_that_keep_identity(backend, edit, error):
+def test_cached_plan_sees_edits_that_keep_identity(backend, edit, error, guard_path):
     ps, opt = _trained(backend)
     st = opt.state[ps[0]]
     if edit == "t_":
@@ -525,7 +555,7 @@ def test_cached_plan_sees_edits_that_keep_identity(backend, edit, error):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edit", ["set_", "new_step_tensor", "moved_to_other_group"])
-def test_cached_plan_follows_edits_it_can_take(backend, edit):
+def test_cached_plan_follows_edits_it_can_take(backend, edit, guard_path):
     """Memory swapped under a kept identity (``set_``), a replaced step tensor, a param moved
     between groups: the next step uses the new memory / count / group, as torch does."""
     ours, theirs = pair(70, (9, 3), 5)
@@ -555,7 +585,7 @@ def test_cached_plan_follows_edits_it_can_take(backend, edit):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_hyperparameter_edited_in_place_is_checked(backend):
+def test_tensor_hyperparameter_edited_in_place_is_checked(backend, guard_path):
     """Validated group values are remembered by identity; a tensor is mutable in place, so a
     tensor-valued hyperparameter is checked again at every step."""
     ps, opt = _trained(backend, eps=torch.tensor(1e-8))

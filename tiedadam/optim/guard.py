@@ -22,6 +22,27 @@ Each check is ``list(map(getter, tensors)) == expected``: ``map`` calls the C ge
 parameter and ``==`` compares the lists, so there is no Python bytecode per parameter; the cost
 is the attribute reads themselves (about 40-100 ns each here, see perf/bench_host.py), a few
 times less than the per-parameter Python loop this replaced.
+
+Note [guard fast path]
+----------------------
+Once the checks above have passed, the guard arms a faster check of the same facts for the
+steps that follow (unsharded plans; nothing changes in what is checked):
+
+* ``optimizer.state`` and each param's state dict keep their CPython dict version (PEP 509;
+  ``torch._C._dynamo.guards.dict_version``): any assignment of another object to a key, any
+  key added or removed, changes it. An unchanged version means the same state dicts with the
+  same tensor objects in them, without hashing the params (``Tensor.__hash__`` is Python).
+* ``torch._C._dynamo.guards.TensorGuards`` (dynamo's C++ tensor check) compares, in one call,
+  the Python type, dispatch keys (device type, layout: a sparse grad fails), dtype, device
+  index, requires_grad, sizes and strides of the params and state tensors, and then of the
+  grads against those of the step that armed it (the walk strides).
+* The addresses are still read one by one (``data_ptr``): ``.data =`` and ``set_`` move
+  memory without changing anything that check sees.
+
+Any miss falls back to the full per-parameter comparison above, which re-arms the fast check
+when everything holds. Where torch lacks these functions, or they misbehave, the guard uses the
+comparison above only (``USE_FAST_GUARD``). The fast check is built from what was just
+verified, so it can only be stricter (a requires_grad flip on a param costs one slow step).
 """
 
 from __future__ import annotations
@@ -43,6 +64,27 @@ _STRIDE = Tensor.stride
 _DEVICE = Tensor.get_device  # an int (-1 for CPU): the cheap form of .device, which builds an object
 _ROLES = itemgetter("step", "exp_avg", "exp_avg_sq")
 _MASTER = itemgetter(MASTER_KEY)
+
+try:  # Note [guard fast path]
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+    from torch._C._dynamo.guards import dict_version as _dict_version
+except ImportError:  # another torch: the per-parameter comparison only
+    _TensorGuards = _dict_version = None
+USE_FAST_GUARD = _TensorGuards is not None and _dict_version is not None
+_MAX_ARMS = 8  # armed this many times in a row, missing each time: stop (Note [guard fast path])
+
+
+def tensor_guards(ts: list):
+    """dynamo's C++ check of ``ts``' type, dispatch keys, dtype, device, requires_grad, sizes
+    and strides as they are now (Note [guard fast path]); None if this torch's cannot be built
+    or does not pass the tensors it was built from."""
+    try:
+        tg = _TensorGuards(*ts, tensor_check_names=[f"t{i}" for i in range(len(ts))],
+                           dynamic_dims_sizes=[list(t.shape) for t in ts],
+                           dynamic_dims_strides=[list(t.stride()) for t in ts])
+        return tg if tg.check(*ts) else None
+    except Exception:  # another signature: the per-parameter comparison only
+        return None
 
 
 def layout(ts: list) -> tuple:
@@ -81,6 +123,9 @@ class Guard:
         self.shapes, self.dtypes, self.devices = shapes[:n], dtypes[:n], devices[:n]  # grads'
         self.walk = [e.exp_avg.stride() for e in entries]  # every role's walk strides
         self.copied = [j for j, e in enumerate(entries) if e.writeback is not None]
+        self.tensors = None if sharded else params + locals_  # the fast check's (layout order)
+        self.fast = None  # (state, its version, sts, their versions, 2 TensorGuards)
+        self.arms = 0
 
     def _held(self, sts: list) -> list:
         """The state tensors of ``sts``, flattened: (step, exp_avg, exp_avg_sq) per parameter,
@@ -93,6 +138,45 @@ class Guard:
     def reuse(self, state, sources: list, grads: list) -> tuple | None:
         """This step's grads (in the walk layout) and {j: (working copy or None, the user's
         grad if it was copied)}, if everything the plan trusts still holds; else None."""
+        if self.fast is not None and self._fast_holds(state, grads):
+            special = {}
+            self.arms = 0
+        else:
+            checked = self._check(state, sources, grads)
+            if checked is None:
+                return None
+            grads, special = checked
+        for j in self.copied:  # a non-dense param: stepped through a fresh working copy
+            local = self.tensors[j] if self.tensors is not None else local_tensor(sources[j])
+            work = torch.empty_strided(local.shape, self.walk[j], dtype=local.dtype,
+                                       device=local.device)
+            work.copy_(local)
+            special[j] = (work, special.get(j, (None, None))[1])
+        return grads, special
+
+    def _fast_holds(self, state, grads: list) -> bool:
+        """Note [guard fast path]: the same facts as ``_check``, in a few C calls."""
+        st, version, sts, versions, tensor_check, grad_check = self.fast
+        ts = self.tensors
+        return (state is st and _dict_version(state) == version
+                and list(map(_dict_version, sts)) == versions and tensor_check.check(*ts)
+                and list(map(_PTR, ts)) == self.layout[0] and grad_check.check(*grads))
+
+    def _arm(self, state, sts: list, grads: list) -> None:
+        """After ``_check`` passed with grads in the walk layout: the fast check of what it
+        verified (Note [guard fast path])."""
+        self.fast = None
+        if not USE_FAST_GUARD or self.tensors is None or self.arms >= _MAX_ARMS:
+            return
+        self.arms += 1
+        tensor_check, grad_check = tensor_guards(self.tensors), tensor_guards(grads)
+        if tensor_check is not None and grad_check is not None:
+            self.fast = (state, _dict_version(state), sts, list(map(_dict_version, sts)),
+                         tensor_check, grad_check)
+
+    def _check(self, state, sources: list, grads: list) -> tuple | None:
+        """Note [guard]: (grads in the walk layout, {j: (None, the user's grad)} for grads
+        copied into it), or None."""
         sts = list(map(state.get, sources))
         if list(map(id, sts)) != self.st_ids or list(map(len, sts)) != self.st_lens:
             return None
@@ -126,10 +210,6 @@ class Guard:
                 if s != w and locals_[j].numel() > 1:
                     grads[j], out = layout_grad(grads[j], locals_[j], w)
                     special[j] = (None, out)
-        for j in self.copied:  # a non-dense param: stepped through a fresh working copy
-            local = locals_[j]
-            work = torch.empty_strided(local.shape, self.walk[j], dtype=local.dtype,
-                                       device=local.device)
-            work.copy_(local)
-            special[j] = (work, special.get(j, (None, None))[1])
+        else:
+            self._arm(state, sts, grads)
         return grads, special

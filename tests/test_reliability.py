@@ -513,6 +513,23 @@ def test_fast_guard_is_armed_and_used_in_the_steady_state(monkeypatch):
     opt.step()
     assert full == [1]
 
+
+def test_fast_guard_stays_off_where_dict_versions_do_not_change(monkeypatch):
+    """A Python whose dict versions never change (or a torch whose tensor check accepts
+    anything) would make the fast check blind: it is verified before it is first armed."""
+    if not guard.USE_FAST_GUARD:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
+    monkeypatch.setattr(guard, "_dict_version", lambda d: 0)
+    monkeypatch.setattr(guard, "_FAST_GUARD_VERIFIED", None)
+    ps, opt = _trained("torch", steps=3)
+    assert guard._FAST_GUARD_VERIFIED is False
+    assert all(plan.guard.fast is None for plan in opt._plans.values())
+    opt.state[ps[1]]["exp_avg"] = opt.state[ps[1]]["exp_avg"].clone()
+    opt.step()  # the full comparison sees the new tensor (and builds a new plan)
+    assert opt.state[ps[1]]["exp_avg"].data_ptr() in [
+        t.data_ptr() for plan in opt._plans.values() for (_, b) in plan.buckets
+        for t in b.exp_avgs]
+
 def _trained(backend, steps=2, **kw):
     ps = [torch.nn.Parameter(torch.randn(9, 3)), torch.nn.Parameter(torch.randn(70))]
     opt = TiedAdamW(ps, lr=0.1, beta=0.9, backend=backend, **kw)

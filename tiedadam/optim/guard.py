@@ -87,6 +87,28 @@ def tensor_guards(ts: list):
         return None
 
 
+def _fast_guard_works() -> bool:
+    """The fast check relies on two things of the running torch and Python; verified once, on
+    small tensors and dicts, before it is armed anywhere: a dict's version changes when a key
+    gets another object or is added, and the tensor check refuses another shape, strides,
+    dtype or type."""
+    d = {"a": 1}
+    v0 = _dict_version(d)
+    d["a"] = 2
+    v1 = _dict_version(d)
+    d["b"] = 3
+    if len({v0, v1, _dict_version(d)}) != 3:
+        return False
+    t = torch.zeros(2, 3)
+    tg = tensor_guards([t])
+    return tg is not None and not any(tg.check(x) for x in (
+        torch.zeros(3, 2), t.t(), torch.zeros(2, 3, dtype=torch.float64),
+        torch.nn.Parameter(torch.zeros(2, 3)), torch.zeros(2, 3).to_sparse()))
+
+
+_FAST_GUARD_VERIFIED: bool | None = None
+
+
 def layout(ts: list) -> tuple:
     """(addresses, shapes, strides, dtypes, devices) of ``ts``: what a plan trusts of a role."""
     return (list(map(_PTR, ts)), list(map(_SHAPE, ts)), list(map(_STRIDE, ts)),
@@ -165,8 +187,16 @@ class Guard:
     def _arm(self, state, sts: list, grads: list) -> None:
         """After ``_check`` passed with grads in the walk layout: the fast check of what it
         verified (Note [guard fast path])."""
+        global _FAST_GUARD_VERIFIED
         self.fast = None
         if not USE_FAST_GUARD or self.tensors is None or self.arms >= _MAX_ARMS:
+            return
+        if _FAST_GUARD_VERIFIED is None:
+            try:
+                _FAST_GUARD_VERIFIED = _fast_guard_works()
+            except Exception:
+                _FAST_GUARD_VERIFIED = False
+        if not _FAST_GUARD_VERIFIED:
             return
         self.arms += 1
         tensor_check, grad_check = tensor_guards(self.tensors), tensor_guards(grads)

@@ -9,7 +9,7 @@ import torch
 
 from tiedadam import TiedAdamW
 from tiedadam.kernels import tied_adamw as K
-from tiedadam.kernels.multi_tensor import MultiTensorTable, build_chunks
+from tiedadam.kernels.multi_tensor import MultiTensorTable, TableCache, build_chunks
 from reference import assert_close, ref_step
 
 
@@ -108,6 +108,24 @@ def test_alignment_flags():
              [torch.randn(64)] * 2]
     t = MultiTensorTable(roles, [0, 0], [0, 0], 5, 4096, torch.device("cpu"))
     assert t.aligned == [True, False]
+
+
+def test_repointed_role_keeps_the_table_only_while_alignment_flags_hold():
+    # TableCache._same_alignment: fresh grads may re-point a table's row unless a tensor the
+    # table walks unmasked (aligned flag set) would get a misaligned address.
+    base = torch.randn(65)
+    ps = [torch.randn(64), base[1:]]  # the second tensor is walked masked (misaligned param)
+    roles = [ps] + [[torch.randn(64) for _ in ps] for _ in range(4)]
+    t = MultiTensorTable(roles, [0, 0], [0, 0], 5, 4096, torch.device("cpu"))
+    assert t.aligned == [True, False]
+    odd = torch.randn(65)[1:]
+    for grads, keeps in (([torch.randn(64), torch.randn(64)], True),  # all aligned
+                         ([torch.randn(64), odd], True),  # the masked tensor may move anywhere
+                         ([odd, torch.randn(64)], False)):  # the unmasked one may not
+        ptrs = [g.data_ptr() for g in grads]
+        assert TableCache._same_alignment(t, ptrs) is keeps
+    t.refresh_role(1, grads, [g.data_ptr() for g in grads])
+    assert t.addr[1].tolist() == [g.data_ptr() for g in grads]
 
 
 def test_chunks_are_int64_beyond_2_31():

@@ -106,6 +106,8 @@ def parity(rank, world, how, steps):
             out["state_types"] = sorted({type(s["exp_avg"]).__name__ for s in st})
             out["state_dtypes"] = sorted({str(s["exp_avg"].dtype) for s in st})
             out["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+            # Note [guard fast path]: armed after the first reuse, kept while nothing changes
+            out["fast_guard"] = [plan.guard.fast is not None for plan in opt._plans.values()]
     return out
 
 
@@ -161,9 +163,12 @@ def resume_on_one_rank(rank, world, path, n_ranks_saved, steps, at):
     return full_params(model)
 
 
-def two_meshes(rank, world, steps):
+def two_meshes(rank, world, steps, replace_at=None):
     """Params on two different device meshes (1-D sharded and 2-D replicated x sharded) plus a
-    plain replicated tensor, stepped by one optimizer: compared with torch's AdamW."""
+    plain replicated tensor, stepped by one optimizer: compared with torch's AdamW.
+    ``replace_at``: before that step, one param's and one moment's local shard are replaced by
+    copies in other memory (the DTensors keep their identity), in both optimizers; the plain
+    tensor is then a replicated DTensor instead."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh1 = init_device_mesh("cpu", (world,))
@@ -174,18 +179,26 @@ def two_meshes(rank, world, steps):
     for kind in ("tied", "torch"):
         ps = [nn.Parameter(distribute_tensor(w1.clone(), mesh1, [Shard(0)])),
               nn.Parameter(distribute_tensor(w2.clone(), mesh2, [Replicate(), Shard(1)])),
-              nn.Parameter(w3.clone())]
+              # with replace_at, a replicated DTensor: an all-DTensor plan takes the fast check
+              nn.Parameter(w3.clone() if replace_at is None
+                           else distribute_tensor(w3.clone(), mesh1, [Replicate()]))]
         opt = make_opt(kind, ps)
         g = torch.Generator().manual_seed(5)
-        for _ in range(steps):
+        for step in range(steps):
             grads = [torch.randn(7, 4, generator=g), torch.randn(3, 6, generator=g),
                      torch.randn(5, generator=g)]
             ps[0].grad = distribute_tensor(grads[0], mesh1, [Shard(0)])
             ps[1].grad = distribute_tensor(grads[1], mesh2, [Replicate(), Shard(1)])
-            ps[2].grad = grads[2]
+            ps[2].grad = (grads[2] if replace_at is None
+                          else distribute_tensor(grads[2], mesh1, [Replicate()]))
+            if step == replace_at:
+                for t in (ps[0], opt.state[ps[1]]["exp_avg"]):
+                    t._local_tensor = t._local_tensor.clone()
             opt.step()
-        out[kind] = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-                     for p in ps]
+        # clone: a replicated DTensor's full_tensor() is its local tensor, which the extra
+        # step below would change
+        out[kind] = [p.full_tensor().clone() if hasattr(p, "full_tensor")
+                     else p.detach().clone() for p in ps]
         if kind == "tied":
             from tiedadam.kernels import tied_adamw as K
             out["launches_per_step"] = None

@@ -23,11 +23,20 @@ def test_matches_torch_adamw_under_same_wrapping(how):
         # state follows the param: DTensor under FSDP2, and fp32 with bf16 compute
         assert r["state_types"] == (["DTensor"] if how.startswith("fsdp2") else ["Tensor"])
         assert r["state_dtypes"] == ["torch.float32"] and r["param_dtypes"] == ["torch.float32"]
+        assert r["fast_guard"][-1]  # the plan in use takes the fast check (guard.py)
 
 
 def test_params_on_two_meshes_step_together():
     for r in run_ranks(fsdp_ranks.two_meshes, 3):
         assert r["launches_per_step"] == 1
+        for a, b in zip(r["tied"], r["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_replaced_local_shards_are_followed():
+    """A DTensor whose local shard is swapped for one in other memory keeps its identity: the
+    cached plan's check must follow the new shard (Note [guard fast path]), as torch does."""
+    for r in run_ranks(fsdp_ranks.two_meshes, 5, 3):
         for a, b in zip(r["tied"], r["torch"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -26,7 +26,7 @@ times less than the per-parameter Python loop this replaced.
 Note [guard fast path]
 ----------------------
 Once the checks above have passed, the guard arms a faster check of the same facts for the
-steps that follow (unsharded plans; nothing changes in what is checked):
+steps that follow (nothing changes in what is checked):
 
 * ``optimizer.state`` and each param's state dict keep their CPython dict version (PEP 509;
   ``torch._C._dynamo.guards.dict_version``): any assignment of another object to a key, any
@@ -38,6 +38,9 @@ steps that follow (unsharded plans; nothing changes in what is checked):
   grads against those of the step that armed it (the walk strides).
 * The addresses are still read one by one (``data_ptr``): ``.data =`` and ``set_`` move
   memory without changing anything that check sees.
+* Sharded plans (FSDP2, TP): each DTensor param and state keeps the local shard object it had
+  (``_local_tensor`` read in C and compared by id), so the checks above, made on those local
+  shards, still apply; the grads' local shards are read the same way.
 
 Any miss falls back to the full per-parameter comparison above, which re-arms the fast check
 when everything holds. Where torch lacks these functions, or they misbehave, the guard uses the
@@ -62,6 +65,7 @@ _LAYOUT = attrgetter("layout")
 _PTR = Tensor.data_ptr
 _STRIDE = Tensor.stride
 _DEVICE = Tensor.get_device  # an int (-1 for CPU): the cheap form of .device, which builds an object
+_LOCAL = attrgetter("_local_tensor")  # a DTensor's local shard (shards.local_tensor, in C)
 _ROLES = itemgetter("step", "exp_avg", "exp_avg_sq")
 _MASTER = itemgetter(MASTER_KEY)
 
@@ -145,8 +149,7 @@ class Guard:
         self.shapes, self.dtypes, self.devices = shapes[:n], dtypes[:n], devices[:n]  # grads'
         self.walk = [e.exp_avg.stride() for e in entries]  # every role's walk strides
         self.copied = [j for j, e in enumerate(entries) if e.writeback is not None]
-        self.tensors = None if sharded else params + locals_  # the fast check's (layout order)
-        self.fast = None  # (state, its version, sts, their versions, 2 TensorGuards)
+        self.fast = None  # what _arm records for _fast_holds
         self.arms = 0
 
     def _held(self, sts: list) -> list:
@@ -160,8 +163,9 @@ class Guard:
     def reuse(self, state, sources: list, grads: list) -> tuple | None:
         """This step's grads (in the walk layout) and {j: (working copy or None, the user's
         grad if it was copied)}, if everything the plan trusts still holds; else None."""
-        if self.fast is not None and self._fast_holds(state, grads):
-            special = {}
+        fast = None if self.fast is None else self._fast_holds(state, grads)
+        if fast is not None:
+            grads, special = fast, {}
             self.arms = 0
         else:
             checked = self._check(state, sources, grads)
@@ -169,27 +173,39 @@ class Guard:
                 return None
             grads, special = checked
         for j in self.copied:  # a non-dense param: stepped through a fresh working copy
-            local = self.tensors[j] if self.tensors is not None else local_tensor(sources[j])
+            local = local_tensor(sources[j])
             work = torch.empty_strided(local.shape, self.walk[j], dtype=local.dtype,
                                        device=local.device)
             work.copy_(local)
             special[j] = (work, special.get(j, (None, None))[1])
         return grads, special
 
-    def _fast_holds(self, state, grads: list) -> bool:
-        """Note [guard fast path]: the same facts as ``_check``, in a few C calls."""
-        st, version, sts, versions, tensor_check, grad_check = self.fast
-        ts = self.tensors
-        return (state is st and _dict_version(state) == version
-                and list(map(_dict_version, sts)) == versions and tensor_check.check(*ts)
-                and list(map(_PTR, ts)) == self.layout[0] and grad_check.check(*grads))
+    def _fast_holds(self, state, grads: list) -> list | None:
+        """Note [guard fast path]: the same facts as ``_check``, in a few C calls. The grads as
+        the kernel takes them (local shards), or None: then ``_check`` decides."""
+        (st, version, sts, versions, dt_objs, dt_local_ids, tensors, tensor_check,
+         local_grads, grad_check) = self.fast
+        if not (state is st and _dict_version(state) == version
+                and list(map(_dict_version, sts)) == versions):
+            return None
+        if dt_objs and list(map(id, map(_LOCAL, dt_objs))) != dt_local_ids:
+            return None  # a DTensor's local shard was replaced
+        if not (tensor_check.check(*tensors) and list(map(_PTR, tensors)) == self.layout[0]):
+            return None
+        if local_grads:
+            try:
+                grads = list(map(_LOCAL, grads))
+            except AttributeError:  # a grad that is not a DTensor
+                return None
+        return grads if grad_check.check(*grads) else None
 
-    def _arm(self, state, sts: list, grads: list) -> None:
-        """After ``_check`` passed with grads in the walk layout: the fast check of what it
-        verified (Note [guard fast path])."""
+    def _arm(self, state, sources: list, sts: list, held: list, grads: list) -> None:
+        """After ``_check`` passed with grads in the walk layout (``grads``: local shards):
+        the fast check of what it verified (Note [guard fast path]). ``held``: the state
+        tensor objects (DTensors where sharded)."""
         global _FAST_GUARD_VERIFIED
         self.fast = None
-        if not USE_FAST_GUARD or self.tensors is None or self.arms >= _MAX_ARMS:
+        if not USE_FAST_GUARD or self.arms >= _MAX_ARMS:
             return
         if _FAST_GUARD_VERIFIED is None:
             try:
@@ -199,10 +215,21 @@ class Guard:
         if not _FAST_GUARD_VERIFIED:
             return
         self.arms += 1
-        tensor_check, grad_check = tensor_guards(self.tensors), tensor_guards(grads)
+        objs = list(sources) + held  # the same objects while the plan key and versions hold
+        dt_objs = [o for o in objs if isinstance(o, Tensor) and hasattr(o, "_local_tensor")]
+        tensors = list(map(local_tensor, objs)) if dt_objs else objs  # layout order
+        local_grads = False
+        if self.sharded:
+            user_grads = [s.grad for s in sources]
+            n_dt = sum(hasattr(g, "_local_tensor") for g in user_grads)
+            if 0 < n_dt < len(user_grads):
+                return  # DTensor and plain grads in one plan: the full comparison only
+            local_grads = n_dt > 0
+        tensor_check, grad_check = tensor_guards(tensors), tensor_guards(grads)
         if tensor_check is not None and grad_check is not None:
             self.fast = (state, _dict_version(state), sts, list(map(_dict_version, sts)),
-                         tensor_check, grad_check)
+                         dt_objs, list(map(id, map(_LOCAL, dt_objs))), tensors, tensor_check,
+                         local_grads, grad_check)
 
     def _check(self, state, sources: list, grads: list) -> tuple | None:
         """Note [guard]: (grads in the walk layout, {j: (None, the user's grad)} for grads
@@ -216,6 +243,7 @@ class Guard:
             return None
         if list(map(id, held)) != self.held_ids:
             return None
+        held_objs = held
         sharded = self.sharded
         if sharded:
             held = list(map(local_tensor, held))
@@ -241,5 +269,5 @@ class Guard:
                     grads[j], out = layout_grad(grads[j], locals_[j], w)
                     special[j] = (None, out)
         else:
-            self._arm(state, sts, grads)
+            self._arm(state, sources, sts, held_objs, grads)
         return grads, special

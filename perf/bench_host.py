@@ -11,6 +11,8 @@ leaves them; made outside the timed call) unless said otherwise:
     table-fresh   --params tensors in one group (the multi-tensor table path)
     table-kept    the same, grads kept between steps (zero_grad(set_to_none=False))
     groups        --params tensors over 10 groups
+    table-dtensor --params DTensor params sharded on a 1-process gloo mesh, fresh DTensor grads
+                  (the FSDP2 path: the kernel steps the local shards)
 
 and in the same run the references: the Python floor (a loop reading each param's ``.grad``),
 an empty ``torch.optim.Optimizer.step`` (the wrapper every optimizer pays), and
@@ -74,6 +76,24 @@ def make_params(n: int, device: str, numel: int = NUMEL):
     return [torch.nn.Parameter(torch.randn(numel, device=device)) for _ in range(n)]
 
 
+def dtensor_params(n: int, device: str):
+    """``n`` DTensor params, Shard(0) over a 1-process mesh (a gloo group is started if none
+    is; None where torch.distributed is unavailable): FSDP2's shape of the problem."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    if not dist.is_initialized():
+        import tempfile
+        store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+        dist.init_process_group("gloo" if device == "cpu" else "nccl", store=store, rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device, (1,))
+    return [torch.nn.Parameter(distribute_tensor(torch.randn(NUMEL, device=device), mesh,
+                                                 [Shard(0)])) for _ in range(n)]
+
+
 def fresh_grads(params, sets: int = 4):
     """``prepare`` that hands each param a new grad tensor object every call."""
     pool = [[torch.randn_like(p) for p in params] for _ in range(sets)]
@@ -114,6 +134,10 @@ def measure(args, device: str, real_launch: bool) -> list[dict]:
         groups = [{"params": grouped[i::10], "lr": 1e-3 * (1 + i)} for i in range(10)]
         opt = TiedAdamW(groups, lr=1e-3, beta=0.95, backend="triton")
         cases.append(("groups", "tiedadam", n, opt.step, fresh_grads(grouped)))
+        sharded = dtensor_params(n, device)
+        if sharded is not None:
+            opt = TiedAdamW(sharded, lr=1e-3, beta=0.95, backend="triton")
+            cases.append(("table-dtensor", "tiedadam", n, opt.step, fresh_grads(sharded)))
         if not real_launch:
             # References on the same kind of params (tiny tensors: host cost)
             ps = make_params(n, device)
@@ -175,11 +199,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--real-launch", action="store_true",
                     help="also time the steps with the real kernel launch (CUDA only)")
+    ap.add_argument("--no-fast-guard", action="store_true",
+                    help="every step through the guard's full comparison (Note [guard fast "
+                         "path] in tiedadam/optim/guard.py): what the fast check saves")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         # The no-op launch lets the Triton path step CPU tensors; nothing runs in the
         # interpreter (the variable must be set before tiedadam's kernels are imported).
         os.environ["TRITON_INTERPRET"] = "1"
+    if args.no_fast_guard:
+        from tiedadam.optim import guard
+        guard.USE_FAST_GUARD = False
     progress(f"host cost of step(), {args.params} params, {args.device}, kernel launch no-op")
     rows = measure(args, args.device, real_launch=False)
     if args.real_launch and args.device == "cuda":

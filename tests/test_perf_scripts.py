@@ -95,8 +95,9 @@ def test_bench_host_smallest(tmp_path):
     data = json.load(open(tmp_path / "bench_host.json"))
     kinds = {(r["workload"], r["kind"]) for r in data["results"]}
     assert {("flat", "tiedadam"), ("table-fresh", "tiedadam"), ("table-kept", "tiedadam"),
-            ("groups", "tiedadam"), ("table-fresh", "floor"), ("flat", "empty-step"),
-            ("table-fresh", "torch-fused"), ("flat", "torch-fused")} <= kinds
+            ("groups", "tiedadam"), ("table-dtensor", "tiedadam"), ("table-fresh", "floor"),
+            ("flat", "empty-step"), ("table-fresh", "torch-fused"),
+            ("flat", "torch-fused")} <= kinds
     assert all(r["median_us"] > 0 and r["launch"] == "no-op" for r in data["results"])
     assert set(data["ratios"]) >= {"table_fresh_over_floor", "flat_above_empty_step_us",
                                    "torch_fused_over_table_fresh", "torch_fused_over_flat"}

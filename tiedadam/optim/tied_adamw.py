@@ -607,8 +607,8 @@ class TiedAdamW(Optimizer):
             b.bind(grads, special)
             if backend == "triton":
                 self._triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
-                            grad_scale=grad_scale, found_inf=found_inf,
-                            snr_threshold=self.snr_threshold)
+                                  grad_scale=grad_scale, found_inf=found_inf,
+                                  snr_threshold=self.snr_threshold)
             else:
                 torch_step(b, groups, grad_scale=grad_scale,
                            found_inf=found_inf, snr_threshold=self.snr_threshold)

@@ -25,7 +25,11 @@ the Triton kernel in distribution (tests), not bit for bit. Element indices are 
 
 Note [cpu compile]
 ------------------
-One compiled graph per mode (flags), ``dynamic=True`` so that every tensor size shares it. The
+One compiled graph per mode (flags), ``dynamic=True`` so that every tensor size shares it. Each
+mode compiles a function of its own, a copy of ``tied_adamw_step``'s code: dynamo counts
+recompilations per code object and fails at 8 (``recompile_limit``; ``fullgraph=True`` makes
+that an error), and the modes of one process (the test suite runs a dozen) with their variants
+(grad mode, requires_grad, size-1 tensors) would reach it on one code object. The
 first call of a mode in a process compiles (tens of seconds on a 2-core machine; inductor
 caches the C++ on disk, so later processes load it in seconds); ``compile_seconds`` records
 what each mode cost, for the benchmarks to report. Without a working C++ compiler the caller
@@ -80,10 +84,13 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
 
 import torch
 from torch import Tensor
+
+from . import inductor_bitcast
 
 _MASK16 = 0xFFFF
 _HIGH16 = -65536  # 0xFFFF0000 as int32
@@ -172,7 +179,7 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
     if has_scale:
         dst.append(g)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
         src.append(gf.to(g.dtype))
-    if state_sr and not param_sr and p.dtype == torch.float32:
+    if state_sr and not param_sr and p.dtype == torch.float32 and not inductor_bitcast.AVAILABLE:
         for d_, s_ in zip(dst, src):  # the 8-wide tile (Note [cpu tiling])
             d_.copy_(s_)
     else:
@@ -192,15 +199,22 @@ def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
 
 
 compile_seconds: dict[tuple, float] = {}  # mode flags -> seconds its first call took
-_compiled = None
+_compiled: dict[tuple, object] = {}  # mode flags -> its compiled function (Note [cpu compile])
 _broken: str | None = None
 
 
-def _step_fn():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(tied_adamw_step, dynamic=True, fullgraph=True)
-    return _compiled
+def _step_fn(mode: tuple):
+    """The compiled step for ``mode``: a function of its own over a copy of
+    ``tied_adamw_step``'s code (Note [cpu compile])."""
+    fn = _compiled.get(mode)
+    if fn is None:
+        f = tied_adamw_step
+        code = f.__code__.replace(co_name=f"{f.__name__}_mode{len(_compiled)}")
+        fn = torch.compile(types.FunctionType(code, f.__globals__, code.co_name,
+                                              f.__defaults__, f.__closure__),
+                           dynamic=True, fullgraph=True)
+        _compiled[mode] = fn
+    return fn
 
 
 def compiled_available() -> bool:
@@ -220,7 +234,11 @@ def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
     first = mode not in compile_seconds
     t0 = time.perf_counter()
     try:
-        _step_fn()(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr, wide)
+        # no_grad: what the optimizer runs under, so a direct call shares its compiled graph
+        # (grad mode is part of dynamo's guard); Note [vector bitcast] while it compiles
+        with torch.no_grad(), inductor_bitcast.vector_bitcast():
+            _step_fn(mode)(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr,
+                       wide)
     except Exception as e:  # no C++ compiler, or inductor cannot build here
         if not first:
             raise

@@ -61,16 +61,18 @@ node, the path torch.optim's compiled foreach step takes), so every node reads a
 and the tile is 16. Measured (``tied_adamw_step`` at 50M, the same run, steps in rotation):
 nearest rounding 41.7 ms against torch's fused fp32 46.7 ms.
 
-Stochastic rounding keeps the per-output copies on purpose (the 8-wide tile) when the param is
-fp32: its integer hash and the int32/fp32 bit casts, which inductor's vector code does element
-by element through a stack buffer (``_scalarize`` in the same file), ran slower 16 wide (97.7
-against 90.2 ms at 50M, same run). The bit casts, not the hash, are what stochastic rounding
-costs (measured at 20M by removing each in turn: without the hash 38.5 ms, without the casts
-26.3, with both 38.9, nearest 15.5). A float-only formulation that gives the same bits (the
-truncation point from a round trip through bf16 and Rump's ufp(x) = |q - (1 - 2^-24) q|,
-q = (2^23 + 1) x) was tried and was slower: 42-67 ms, more vector operations than the casts it
-saves. Modes that still run 8 wide: AMP unscaling of an fp32 grad (its write-back is fp32 only)
-and fp32 master weights (the master's write-back copies a buffer both outputs read).
+Stochastic rounding's int32/fp32 bit casts have no vector form in inductor's code generator
+(it casts element by element through a stack buffer); at 16 wide that cost more than the wider
+tile saved, so stochastic rounding ran 8 wide and 1.4-2x slower than round to nearest. Note
+[vector bitcast] (inductor_bitcast.py) supplies the vector form while the step compiles, and
+every mode is written through ``_foreach_copy_``. Measured at 20M elements, 2 threads, same run
+(after that change): nearest 16.5-21 ms, stochastic 21-24, stochastic without the hash 22; the
+hash itself (two rounds of integer multiply and shifts) is not what costs. Only where inductor
+lacks the pieces that note uses (``inductor_bitcast.AVAILABLE`` False) does stochastic rounding
+of bf16 states for an fp32 param keep per-output copies and the 8-wide tile, the faster of the
+two there (90.2 against 97.7 ms at 50M). Modes that still run 8 wide: AMP unscaling of an
+fp32 grad (its write-back is fp32 only) and fp32 master weights (the master's write-back copies
+a buffer both outputs read).
 
 Note [cpu index]
 ----------------

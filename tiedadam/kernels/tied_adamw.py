@@ -35,7 +35,6 @@ division (equal but at rounding boundaries).
 from __future__ import annotations
 
 import functools
-from itertools import repeat
 
 import torch
 import triton
@@ -513,7 +512,7 @@ def _tied_adamw_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
+def launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                    has_scale: bool, state_sr: bool, param_sr: bool, telemetry: bool) -> dict:
     """The constexprs and launch options of one kernel variant (made once, not per launch)."""
     state_sr = state_sr and state_dtype == torch.bfloat16
@@ -546,20 +545,35 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     scale = grad_scale if has_scale else dummy
     tele = telemetry if telemetry is not None else dummy
     inf = found_inf if has_scale else dummy
-    consts = _launch_config(param_dtype, state_dtype, has_master, has_scale, state_sr, param_sr,
-                            telemetry is not None)
+    consts = launch_config(param_dtype, state_dtype, has_master, has_scale, state_sr, param_sr,
+                           telemetry is not None)
     if flat is not None:
-        p, g, m, v, w, step = flat
-        n = p.numel()
-        aligned = int(not any(map(int.__mod__, map(torch.Tensor.data_ptr, (p, g, m, v, w)),
-                                      repeat(ALIGN_BYTES))))
-        grid = (max(-(-n // CHUNK), 1),)  # an empty tensor still counts its step
-        _tied_adamw_kernel[grid](dummy, dummy, dummy, 0, hyper, scale, inf,
-                                 p, g, m, v, w, step, n, aligned, flat_group, flat_key,
-                                 tele, snr_threshold, tickets, FLAT=True, **consts)
-    else:
-        grid = (table.n_chunks,)
-        _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
-                                 scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
-                                 0, tele, snr_threshold, tickets, FLAT=False, **consts)
+        launch_flat(consts, hyper, scale, inf, tele, snr_threshold, tickets, *flat, flat_group,
+                    flat_key)
+        return
+    grid = (table.n_chunks,)
+    _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
+                             scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
+                             0, tele, snr_threshold, tickets, FLAT=False, **consts)
+    launches += 1
+
+
+def launch_flat(consts: dict, hyper: torch.Tensor, scale: torch.Tensor, inf: torch.Tensor,
+                tele: torch.Tensor, snr_threshold: float, tickets: torch.Tensor, p: torch.Tensor,
+                g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                step: torch.Tensor, group: int, key: int) -> None:
+    """``launch_tied_adamw(flat=...)`` with its arguments resolved: ``consts`` from
+    ``launch_config``, ``scale``/``inf``/``tele`` tensors (``hyper`` where unused). Positional,
+    for the flat path's per-step call (Note [flat]; perf/bench_host.py's flat row). The
+    alignment promise is computed here from the addresses, every launch."""
+    global launches
+    n = p.numel()
+    # aligned iff every address is a multiple of ALIGN_BYTES (a power of two): then so is
+    # their OR, and only then
+    aligned = int(not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()
+                       | w.data_ptr()) % ALIGN_BYTES)
+    grid = (max(-(-n // CHUNK), 1),)  # an empty tensor still counts its step
+    _tied_adamw_kernel[grid](hyper, hyper, hyper, 0, hyper, scale, inf, p, g, m, v, w, step, n,
+                             aligned, group, key, tele, snr_threshold, tickets, FLAT=True,
+                             **consts)
     launches += 1

@@ -572,11 +572,10 @@ class TiedAdamW(Optimizer):
         lists = list(map(_PARAMS, self.param_groups))
         params = list(chain.from_iterable(lists))
         grads = list(map(_GRAD, params))
-        has = list(map(is_not, grads, repeat(None)))
-        if all(has):
+        if all(map(is_not, grads, repeat(None))):
             sel = None
         else:  # params without a grad are skipped, as torch does
-            sel = tuple(compress(range(len(params)), has))
+            sel = tuple(compress(range(len(params)), map(is_not, grads, repeat(None))))
             if not sel:
                 return
             params = [params[j] for j in sel]

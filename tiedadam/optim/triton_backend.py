@@ -22,6 +22,20 @@ from .torch_backend import per_device
 _HYPER_KEYS = ("lr", "beta", "eps", "weight_decay")
 
 
+def _host_rows(groups: Sequence[dict]) -> tuple | None:
+    """(lr, beta, eps, weight_decay) of every group as host floats, or None where a group is
+    capturable or its lr is a device tensor (one loop: the flat path reads this every step)."""
+    rows = []
+    for g in groups:
+        lr = g["lr"]
+        if type(lr) is not float and isinstance(lr, Tensor) and lr.device.type != "cpu":
+            return None
+        if g.get("capturable"):
+            return None
+        rows.append((float(lr), float(g["beta"]), float(g["eps"]), float(g["weight_decay"])))
+    return tuple(rows)
+
+
 def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) -> Tensor:
     """fp64 [G, 4] (lr, beta, eps, weight_decay) on ``device``, without a host-device sync.
 
@@ -33,12 +47,9 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
     column is refreshed by device-side copies (captured by a CUDA graph, so a changing lr tensor
     is seen on every replay); the other columns are rewritten only when their host value changes.
     """
-    device_side = any(g.get("capturable") or (isinstance(g["lr"], Tensor)
-                                              and g["lr"].device.type != "cpu") for g in groups)
-    if not device_side:
-        rows = tuple((float(g["lr"]), float(g["beta"]), float(g["eps"]), float(g["weight_decay"]))
-                     for g in groups)
-        key = (device, tuple(id(g) for g in groups))
+    rows = _host_rows(groups)
+    if rows is not None:
+        key = (device, tuple(map(id, groups)))
         entry = persistent.get(key)
         if entry is None or entry[1] != rows:
             host = torch.tensor(rows, dtype=torch.float64)
@@ -83,23 +94,27 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
     scale, inf = per_device(grad_scale, found_inf, b.device)
     if b.telemetry is not None:
         b.telemetry.zero_()
-    kw = dict(param_dtype=b.param_dtype, state_dtype=b.state_dtype, has_master=b.has_master,
-              grad_scale=scale, found_inf=inf, state_sr=b.state_sr,
-              param_sr=b.param_sr, telemetry=b.telemetry, snr_threshold=snr_threshold,
-              tickets=b.tickets)
     if len(b.params) == 1:
         # Note [flat]: one tensor (a ZeRO partition, an FSDP1 flat shard) goes to the kernel as
-        # direct arguments: no tables to look up or re-point when ZeRO swaps the grad.
-        K.launch_tied_adamw(None, hyper, flat=(b.params[0], b.grads[0], b.exp_avgs[0],
-                                               b.exp_avg_sqs[0], masters[0], b.steps[0]),
-                            flat_group=b.groups[0], flat_key=b.keys[0], **kw)
-    else:
-        roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
-        # The key names a plan whose params' and states' addresses were verified this step
-        # (the signature, Note [what the kernel may trust]); grads move freely and are
-        # re-pointed. A bucket with working copies (non-dense params) has fresh param memory
-        # every step: its param addresses are compared too (a change rebuilds the table).
-        watched = (K.ROLE_PARAM, K.ROLE_GRAD) if b.has_copies else (K.ROLE_GRAD,)
-        table = cache.get(key, roles, b.groups, b.keys, K.N_ELEMENTWISE, K.CHUNK, b.device,
-                          watched=watched, volatile=(K.ROLE_GRAD,))
-        K.launch_tied_adamw(table, hyper, **kw)
+        # direct arguments: no tables to look up or re-point when ZeRO swaps the grad; and
+        # positionally (``launch_flat``), this path's whole host budget is ~30 us.
+        consts = K.launch_config(b.param_dtype, b.state_dtype, b.has_master, scale is not None,
+                                 b.state_sr, b.param_sr, b.telemetry is not None)
+        K.launch_flat(consts, hyper, hyper if scale is None else scale,
+                      hyper if scale is None else inf,
+                      hyper if b.telemetry is None else b.telemetry, snr_threshold, b.tickets,
+                      b.params[0], b.grads[0], b.exp_avgs[0], b.exp_avg_sqs[0], masters[0],
+                      b.steps[0], b.groups[0], b.keys[0])
+        return
+    roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
+    # The key names a plan whose params' and states' addresses were verified this step (the
+    # signature, Note [what the kernel may trust]); grads move freely and are re-pointed. A
+    # bucket with working copies (non-dense params) has fresh param memory every step: its
+    # param addresses are compared too (a change rebuilds the table).
+    watched = (K.ROLE_PARAM, K.ROLE_GRAD) if b.has_copies else (K.ROLE_GRAD,)
+    table = cache.get(key, roles, b.groups, b.keys, K.N_ELEMENTWISE, K.CHUNK, b.device,
+                      watched=watched, volatile=(K.ROLE_GRAD,))
+    K.launch_tied_adamw(table, hyper, param_dtype=b.param_dtype, state_dtype=b.state_dtype,
+                        has_master=b.has_master, grad_scale=scale, found_inf=inf,
+                        state_sr=b.state_sr, param_sr=b.param_sr, telemetry=b.telemetry,
+                        snr_threshold=snr_threshold, tickets=b.tickets)

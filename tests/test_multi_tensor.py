@@ -128,6 +128,27 @@ def test_repointed_role_keeps_the_table_only_while_alignment_flags_hold():
     assert t.addr[1].tolist() == [g.data_ptr() for g in grads]
 
 
+
+def test_flat_launch_promises_alignment_only_when_every_address_is_aligned(monkeypatch):
+    # launch_flat's aligned flag (the kernel then walks unmasked, with alignment hints) is one
+    # OR of the five addresses: any misaligned role must clear it.
+    seen = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(args[14])  # the ``aligned`` argument
+
+    monkeypatch.setattr(K, "_tied_adamw_kernel", Record())
+    hyper = torch.zeros(1, 4, dtype=torch.float64)
+    consts = K.launch_config(torch.float32, torch.float32, True, False, False, False, False)
+    odd = torch.randn(65)[1:]
+    for bad in (None, 0, 1, 2, 3, 4):
+        ts = [odd if r == bad else torch.randn(64) for r in range(5)]
+        assert (ts[bad].data_ptr() % K.ALIGN_BYTES != 0) if bad is not None else True
+        K.launch_flat(consts, hyper, hyper, hyper, hyper, 0.5, torch.zeros(1, dtype=torch.int32),
+                      *ts, torch.zeros(()), 0, 0)
+    assert seen == [1, 0, 0, 0, 0, 0]
+
 def test_chunks_are_int64_beyond_2_31():
     numels = torch.tensor([3, 0, 2 ** 31 + 5, 70], dtype=torch.int64)
     ch = build_chunks(numels, 2 ** 20)

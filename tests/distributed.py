@@ -1,9 +1,9 @@
 """Run a function on N real processes with a gloo process group on CPU (docs/design.md §9).
 
-* one spawned process per rank; rendezvous through a file (no ports); 60 s collective timeout;
-  RANK / LOCAL_RANK / WORLD_SIZE set in each child (DeepSpeed asserts LOCAL_RANK);
-  one thread per process (2 cores);
-* rank bodies live in importable modules (spawn pickles them by reference);
+* one process per rank, forked from a server that has imported torch (``_context``);
+  rendezvous through a file (no ports); 60 s collective timeout; RANK / LOCAL_RANK /
+  WORLD_SIZE set in each child (DeepSpeed asserts LOCAL_RANK); one thread per process (2 cores);
+* rank bodies live in importable modules (pickled by reference);
 * a failing rank reports its traceback through the queue and exits with ``os._exit(1)`` without
   barrier/destroy; the parent kills the others and fails the test. A non-zero exit on success
   fails too. TRITON_INTERPRET=1 reaches the children through the environment (conftest.py).
@@ -54,9 +54,26 @@ def _child(fn, rank, world, init_file, q, args, timeout, backend):
         os._exit(1)
 
 
+# What the fork server imports once: each rank is then forked from it ready, instead of importing
+# torch and DeepSpeed itself (about 4 s of CPU per process, two per test, some forty tests).
+# Nothing in the server runs a tensor op or touches CUDA, so forking it is safe (OpenMP and
+# CUDA are not started); an import that fails there is skipped and happens in the rank.
+_PRELOAD = ["torch", "torch.distributed", "tiedadam", "deepspeed", "ds_ranks", "fsdp_ranks",
+            "rng_ranks"]
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(_PRELOAD)
+    return _CTX
+
+
 def run_ranks(fn, *args, world: int = 2, timeout: float = 300.0, backend: str = "gloo") -> list:
     """``fn(rank, world, *args)`` on ``world`` processes; returns the results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "rendezvous")

@@ -64,11 +64,11 @@ nearest rounding 41.7 ms against torch's fused fp32 46.7 ms.
 Stochastic rounding's int32/fp32 bit casts have no vector form in inductor's code generator
 (it casts element by element through a stack buffer); at 16 wide that cost more than the wider
 tile saved, so stochastic rounding ran 8 wide and 1.4-2x slower than round to nearest. Note
-[vector bitcast] (inductor_bitcast.py) supplies the vector form while the step compiles, and
+[vector bitcast] (inductor_codegen.py) supplies the vector form while the step compiles, and
 every mode is written through ``_foreach_copy_``. Measured at 20M elements, 2 threads, same run
 (after that change): nearest 16.5-21 ms, stochastic 21-24, stochastic without the hash 22; the
 hash itself (two rounds of integer multiply and shifts) is not what costs. Only where inductor
-lacks the pieces that note uses (``inductor_bitcast.AVAILABLE`` False) does stochastic rounding
+lacks the pieces that note uses (``inductor_codegen.AVAILABLE`` False) does stochastic rounding
 of bf16 states for an fp32 param keep per-output copies and the 8-wide tile, the faster of the
 two there (90.2 against 97.7 ms at 50M). Modes that still run 8 wide: AMP unscaling of an
 fp32 grad (its write-back is fp32 only) and fp32 master weights (the master's write-back copies
@@ -92,7 +92,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import inductor_bitcast
+from . import inductor_codegen
 
 _MASK16 = 0xFFFF
 _HIGH16 = -65536  # 0xFFFF0000 as int32
@@ -181,7 +181,7 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
     if has_scale:
         dst.append(g)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
         src.append(gf.to(g.dtype))
-    if state_sr and not param_sr and p.dtype == torch.float32 and not inductor_bitcast.AVAILABLE:
+    if state_sr and not param_sr and p.dtype == torch.float32 and not inductor_codegen.AVAILABLE:
         for d_, s_ in zip(dst, src):  # the 8-wide tile (Note [cpu tiling])
             d_.copy_(s_)
     else:
@@ -214,7 +214,8 @@ def _step_fn(mode: tuple):
         code = f.__code__.replace(co_name=f"{f.__name__}_mode{len(_compiled)}")
         fn = torch.compile(types.FunctionType(code, f.__globals__, code.co_name,
                                               f.__defaults__, f.__closure__),
-                           dynamic=True, fullgraph=True)
+                           dynamic=True, fullgraph=True,
+                           options=inductor_codegen.compile_options())  # Note [codegen key]
         _compiled[mode] = fn
     return fn
 
@@ -237,8 +238,9 @@ def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
     t0 = time.perf_counter()
     try:
         # no_grad: what the optimizer runs under, so a direct call shares its compiled graph
-        # (grad mode is part of dynamo's guard); Note [vector bitcast] while it compiles
-        with torch.no_grad(), inductor_bitcast.vector_bitcast():
+        # (grad mode is part of dynamo's guard); Notes [vector bitcast], [vector arange]
+        # while it compiles
+        with torch.no_grad(), inductor_codegen.vector_codegen():
             _step_fn(mode)(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr,
                        wide)
     except Exception as e:  # no C++ compiler, or inductor cannot build here

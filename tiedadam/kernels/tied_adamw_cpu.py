@@ -79,7 +79,8 @@ Note [cpu index]
 The element index is hashed as int32 (``torch.arange(n, dtype=torch.int32)``): vectorised 32-bit
 lanes. An int64 index costs AVX2 a scalar 64-bit shift and narrowing (39 against 59 ms at 20M).
 Tensors of 2**31 elements or more (``wide``, a separate compile) take the int64 index and fold
-its high word in: the same bits as the int32 path below 2**31.
+its high word in: the same bits as the int32 path below 2**31. Inductor builds the index vector
+from 16 scalars unless Note [vector arange] (inductor_codegen.py) is in force.
 """
 
 from __future__ import annotations

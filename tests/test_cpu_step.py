@@ -172,6 +172,47 @@ def test_wide_index_draws_the_same_bits_as_the_int32_index():
         assert torch.equal(a, b)
 
 
+# NaNs as x86 arithmetic passes them on (sign and payload of an input NaN kept): the GPU's
+# 0x7FFFFFFF, its negation, x86's default 0xFFC00000, torch's 0x7FC00000, a negative NaN whose
+# high half is 0xFFFF, and a signalling one with a low payload (Note [cpu nan])
+NAN_BITS = [0x7FFFFFFF, -1, -0x400000, 0x7FC00000, -0x10000 + 0x1234, 0x7F800001]
+
+
+def test_every_nan_stays_nan_under_stochastic_rounding():
+    """Both stochastic roundings of the CPU (the compiled step's and the torch-op path's) keep
+    every NaN a NaN, whatever its sign and payload, for the largest noise and random noise;
+    they used to carry 0x7FFFFFFF into -0.0 and 0xFFFFFFFF into +0.0."""
+    x = torch.tensor(NAN_BITS * 50, dtype=torch.int32).view(torch.float32)
+    for r in (torch.full(x.shape, 0xFFFF, dtype=torch.int32),
+              torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)):
+        assert C.round_bf16(x, r).isnan().all()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    torch_backend.stochastic_round_to_bf16_(out, x, torch.Generator().manual_seed(3))
+    assert out.isnan().all()
+
+
+def test_nan_grads_of_any_sign_and_payload_leave_nan_moments_in_the_compiled_step():
+    """A NaN grad makes that element's param and both bf16 moments NaN (not +-0.0 or inf), and
+    every other element is the fp64 reference's, bit for bit (Note [cpu nan])."""
+    n = 4099
+    s = C.scalars(1e-2, 0.9, 1e-8, 0.1, 3.0)
+    keys = torch.randint(-2 ** 31, 2 ** 31, (2,), dtype=torch.int64).to(torch.int32)
+    g = torch.randn(n)
+    where = torch.randperm(n)[:600]
+    g.view(torch.int32)[where] = torch.tensor(NAN_BITS * 100, dtype=torch.int32)
+    p, m, v = torch.randn(n), (0.1 * torch.randn(n)).bfloat16(), (0.1 * torch.rand(n)).bfloat16()
+    want = _reference_step(p, g, m, v, None, s, keys, True, False)
+    p.requires_grad_()
+    with torch.no_grad():
+        assert C.run(p.view(-1), g.view(-1), m.view(-1), v.view(-1), None, s, keys,
+                     has_scale=False, state_sr=True, param_sr=False)
+    nan = g.isnan()
+    for got, ref in zip((p.detach(), m, v), want):
+        assert got.isnan().equal(nan)
+        as_int = torch.int16 if got.itemsize == 2 else torch.int32
+        assert torch.equal(got[~nan].view(as_int), ref[~nan].view(as_int))
+
+
 def test_nan_and_inf_survive_stochastic_rounding():
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0 + 2 ** -9, 1.0, 3.0e38])
     for noise, up in ((0xFFFF, True), (0, False)):

@@ -29,10 +29,11 @@ Adding noise to a NaN's bits can carry: into the sign bit from the GPU's 0x7FFFF
 and from a negative NaN whose high half is 0xFFFF (0xFFFFFFFF, a negated GPU NaN) through zero
 (+0.0). The Triton kernel clamps with one integer minimum, enough there: GPU arithmetic returns
 the canonical 0x7FFFFFFF for every NaN (Note [bf16 rounding] in tied_adamw.py). x86 arithmetic
-instead passes an input NaN's sign and payload on, so a grad holding 0xFFFFFFFF made the
-moments +0.0. Here every NaN becomes 0x7FC00000 before the noise (a compare and a select per
-value: 230 instead of 226 instructions per 16 elements). tests/test_cpu_step.py feeds such NaN
-grads through the compiled step.
+instead passes an input NaN's sign and payload on: with that minimum, a grad holding 0xFFFFFFFF
+made the moments +0.0 (and the torch-op path, optim/torch_backend.py, had no guard at all: the
+GPU's NaN became -0.0 there). Here, and there, every NaN becomes 0x7FC00000 before the noise (a
+compare and a select per value: 230 instead of 226 instructions per 16 elements).
+tests/test_cpu_step.py feeds such NaNs through both and NaN grads through the compiled step.
 
 Note [cpu compile]
 ------------------

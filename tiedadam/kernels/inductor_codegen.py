@@ -70,10 +70,13 @@ except Exception:  # another inductor: compile as it does
     AVAILABLE = False
 
 try:
+    import inspect as _inspect
+
     _ORIGINAL_ARANGE = _cpp.CppVecKernel.arange
-    ARANGE_AVAILABLE = (callable(_ORIGINAL_ARANGE)
+    ARANGE_AVAILABLE = (list(_inspect.signature(_ORIGINAL_ARANGE).parameters)
+                        == ["self", "index", "stride"]
                         and hasattr(_cpp.CppVecKernel, "_get_vec_type"))
-except Exception:
+except Exception:  # another inductor: its own arange
     ARANGE_AVAILABLE = False
 
 try:

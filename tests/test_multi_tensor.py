@@ -128,7 +128,6 @@ def test_repointed_role_keeps_the_table_only_while_alignment_flags_hold():
     assert t.addr[1].tolist() == [g.data_ptr() for g in grads]
 
 
-
 def test_flat_launch_promises_alignment_only_when_every_address_is_aligned(monkeypatch):
     # launch_flat's aligned flag (the kernel then walks unmasked, with alignment hints) is one
     # OR of the five addresses: any misaligned role must clear it.
@@ -148,6 +147,7 @@ def test_flat_launch_promises_alignment_only_when_every_address_is_aligned(monke
         K.launch_flat(consts, hyper, hyper, hyper, hyper, 0.5, torch.zeros(1, dtype=torch.int32),
                       *ts, torch.zeros(()), 0, 0)
     assert seen == [1, 0, 0, 0, 0, 0]
+
 
 def test_chunks_are_int64_beyond_2_31():
     numels = torch.tensor([3, 0, 2 ** 31 + 5, 70], dtype=torch.int64)

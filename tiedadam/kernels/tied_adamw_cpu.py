@@ -31,9 +31,10 @@ and from a negative NaN whose high half is 0xFFFF (0xFFFFFFFF, a negated GPU NaN
 the canonical 0x7FFFFFFF for every NaN (Note [bf16 rounding] in tied_adamw.py). x86 arithmetic
 instead passes an input NaN's sign and payload on: with that minimum, a grad holding 0xFFFFFFFF
 made the moments +0.0 (and the torch-op path, optim/torch_backend.py, had no guard at all: the
-GPU's NaN became -0.0 there). Here, and there, every NaN becomes 0x7FC00000 before the noise (a
-compare and a select per value: 230 instead of 226 instructions per 16 elements).
-tests/test_cpu_step.py feeds such NaNs through both and NaN grads through the compiled step.
+GPU's NaN became -0.0 there). Both now round through one function, ``round_bf16``
+(bf16_round.py), which makes every NaN 0x7FC00000 before the noise (a compare and a select per
+value: 230 instead of 226 instructions per 16 elements). tests/test_cpu_step.py feeds such NaNs
+through both and NaN grads through the compiled step.
 
 Note [cpu compile]
 ------------------
@@ -106,10 +107,9 @@ import torch
 from torch import Tensor
 
 from . import inductor_codegen
+from .bf16_round import round_bf16
 
 _MASK16 = 0xFFFF
-_HIGH16 = -65536  # 0xFFFF0000 as int32
-_QNAN = 0x7FC00000
 _LOWBIAS_A = 0x7FEB352D
 _LOWBIAS_B = 0x846CA68B - (1 << 32)  # as int32 (two's complement: same low 32 bits)
 _STREAM1 = 0x632BE5AB  # a second stream for the pure-bf16 param's bits
@@ -144,18 +144,6 @@ def random_bits(n: int, keys: Tensor, stream: int = 0, wide: bool = False) -> Te
     if stream:
         h = _lowbias32(h ^ stream)
     return h
-
-
-def round_bf16(x: Tensor, r16: Tensor | None) -> Tensor:
-    """fp32 -> bf16: to nearest even (``r16`` None; torch's conversion, the kernel's bits), or
-    stochastically with 16 random bits ``r16`` (int32 in [0, 2**16)): the kernel's
-    ``_round_to_bf16`` construction (add the noise to the bits, keep the high half), with every
-    NaN replaced by the canonical 0x7FC00000 first (Note [cpu nan]); infinities stay infinite
-    (their low 16 bits are 0)."""
-    if r16 is None:
-        return x.to(torch.bfloat16)
-    bits = torch.where(x != x, _QNAN, x.view(torch.int32)) + r16  # != : a vector compare
-    return (bits & _HIGH16).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
 
 
 def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.bf16_round import round_bf16
 from .rng import mix
 
 
@@ -30,16 +31,12 @@ from .rng import mix
 
 
 def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, generator: torch.Generator) -> None:
-    """dst (bf16) <- src (fp32) rounded stochastically: add 16 random low bits, truncate.
-    The same construction as the kernel's ``_round_to_bf16``; unbiased: E[dst] = src. Every
-    NaN is made 0x7FC00000 first, so that the noise cannot carry it into the sign bit or
-    through zero (Note [cpu nan] in kernels/tied_adamw_cpu.py; on CUDA this path rounds the
-    GPU's 0x7FFFFFFF)."""
-    src = src.contiguous()
-    bits = torch.where(src.isnan(), 0x7FC00000, src.view(torch.int32))
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device,
+    """dst (bf16) <- src (fp32) rounded stochastically with 16 random low bits from
+    ``generator``: ``round_bf16``, the compiled step's construction (NaN-safe, unbiased; on CUDA
+    this path rounds the GPU's 0x7FFFFFFF NaN, Note [cpu nan] in kernels/tied_adamw_cpu.py)."""
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device,
                           generator=generator)
-    dst.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: exact in bf16
+    dst.copy_(round_bf16(src.contiguous(), noise))
 
 
 def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],

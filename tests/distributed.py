@@ -59,7 +59,7 @@ def _child(fn, rank, world, init_file, q, args, timeout, backend):
 # Nothing in the server runs a tensor op or touches CUDA, so forking it is safe (OpenMP and
 # CUDA are not started); an import that fails there is skipped and happens in the rank.
 _PRELOAD = ["torch", "torch.distributed", "tiedadam", "deepspeed", "ds_ranks", "fsdp_ranks",
-            "rng_ranks"]
+            "rng_ranks", "placement_ranks"]
 _CTX = None
 
 

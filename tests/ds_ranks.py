@@ -107,7 +107,8 @@ def train(cfg, model, data, optimizer=None, ckpt=None, stage=0):
     out = dict(losses=losses, params=full_params(engine, stage),
                opt_type=type(engine.optimizer).__name__,
                basic=type(getattr(engine, "basic_optimizer", None) or opt).__name__,
-               skipped=int(getattr(engine, "skipped_steps", 0)), **state_footprint(engine))
+               skipped=int(getattr(engine, "skipped_steps", 0)), **state_footprint(engine),
+               **stream_keys(engine))
     engine.destroy()
     return out
 
@@ -126,6 +127,32 @@ def state_footprint(engine) -> dict:
                 for k in ("exp_avg", "exp_avg_sq"))
     return dict(bytes_per_param=held / numel,
                 state_dtypes=sorted({str(st["exp_avg"].dtype) for st in tied.state.values()}))
+
+
+def stream_keys(engine) -> dict:
+    """How many tensors the optimizer holds state for (ZeRO's flat partitions) and how many
+    distinct rounding stream keys its cached plans gave them (Note [rng streams])."""
+    from tiedadam import TiedAdamW
+    tied = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(tied, TiedAdamW):
+        return {}
+    keys = {k for plan in tied._plans.values() for _, b in plan.buckets for k in b.keys}
+    return dict(partitions=len(tied.state), distinct_keys=len(keys - {0}))
+
+
+def zero3_sub_groups(rank, world, offload, steps, at, ckpt_dir):
+    """ZeRO-3 with a small ``sub_group_size``: several fp32 partitions per param group, each
+    stepped alone through the same group dict. bf16 states rounded stochastically: a stream of
+    its own for every partition, and a resumed run bitwise the uninterrupted one."""
+    data = batches(rank, steps)
+    torch.manual_seed(0)
+    base = Net()
+    cfg = ds_config(3, "fp32", offload=offload, opt_params={"state_dtype": "bfloat16"})
+    cfg["zero_optimization"]["sub_group_size"] = 100
+    whole = train(cfg, copy.deepcopy(base), data, ckpt=(ckpt_dir, "save", at), stage=3)
+    torch.manual_seed(123)
+    resumed = train(cfg, Net(), data, ckpt=(ckpt_dir, "load", at), stage=3)
+    return whole, resumed
 
 
 def parity(rank, world, stage, precision, offload, steps):

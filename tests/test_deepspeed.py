@@ -92,6 +92,22 @@ def test_offload_with_bf16_states_tracks_fp32_and_resumes_bitwise(tmp_path):
                 assert torch.equal(a, b), stage
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_sub_group_partitions_get_own_streams_and_resume_bitwise(offload, tmp_path):
+    """``sub_group_size`` splits each param group into several fp32 partitions, which ZeRO-3
+    steps one by one through the same group dict (``params=[partition]``): each must draw its
+    own rounding noise (Note [rng streams]), and a resumed run must round as the whole one."""
+    at = 3
+    for whole, resumed in run_ranks(ds_ranks.zero3_sub_groups, offload, STEPS, at,
+                                    str(tmp_path)):
+        assert whole["partitions"] > 2  # more partitions than param groups
+        assert whole["distinct_keys"] == whole["partitions"]
+        assert whole["state_dtypes"] == ["torch.bfloat16"]
+        assert resumed["losses"] == whole["losses"][at:]
+        for a, b in zip(resumed["params"], whole["params"]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind, stage, offload", [("instance", 2, False), ("callable", 1, False),
                                                   ("instance", 2, True)])
 def test_client_optimizer_instance_or_callable(kind, stage, offload):

@@ -16,49 +16,9 @@ from tiedadam import TiedAdamW
 from tiedadam.optim import guard
 from tiedadam.optim.telemetry import to_floats
 from reference import assert_close
+from twins import assert_unchanged, pair, snapshot, step_both, torch_ref
 
 BACKENDS = ["triton", "torch"]
-
-
-def pair(*shapes, dtype=torch.float32, make=None):
-    """Our params and an identical copy for the torch reference."""
-    ours = [torch.nn.Parameter(make(s) if make else torch.randn(s, dtype=dtype)) for s in shapes]
-    theirs = [torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
-                                 .copy_(p.detach())) for p in ours]
-    return ours, theirs
-
-
-def torch_ref(params, lr=0.1, beta=0.9, **kw):
-    return torch.optim.AdamW(params, lr=lr, betas=(beta, beta), foreach=False, **kw)
-
-
-def step_both(opt, ref, ours, theirs, steps=1, before=None):
-    """The same fresh grads to both optimizers, then a step of each (``before(i)`` runs after
-    the grads of step i are set, before the steps)."""
-    for i in range(steps):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        if before is not None:
-            before(i)
-        opt.step()
-        ref.step()
-
-
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            [{k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state])
-
-
-def assert_unchanged(opt, params, snap):
-    ps, states = snap
-    for p, p0 in zip(params, ps):
-        assert torch.equal(p, p0), "a refused step changed a parameter"
-    now = [{k: v for k, v in opt.state[p].items()} for p in params if p in opt.state]
-    assert len(now) == len(states)
-    for s, s0 in zip(now, states):
-        assert s.keys() == s0.keys()
-        assert all(torch.equal(s[k], s0[k]) for k in s0), "a refused step changed the state"
 
 
 # 1 -------------------------------------------------------------------------------------------

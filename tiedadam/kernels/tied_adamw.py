@@ -89,6 +89,17 @@ N_HYPER = 4  # lr, beta, eps, weight_decay
 # torch.optim.AdamW counts one). An AMP step with found_inf returns before any of this: the
 # count stays.
 #
+# Note [ticket ordering]
+# Every thread of a program loads the step count at the program's start; the ticket is one
+# scalar atomic, which Triton issues from one thread. Warps of a program run independently
+# through the loop (nothing in an elementwise loop synchronises them), so without a barrier
+# the first warp to finish could take the last ticket, and its program store t, while another
+# warp of the same program has not yet loaded the count: that warp would step with t + 1. A
+# ``tl.debug_barrier()`` (bar.sync) before the atomic makes every thread's load happen before
+# the ticket; the atomic's acquire-release order (Triton's default) then orders the tickets of
+# different programs. Once, the masked tail's telemetry reduction made Triton emit a barrier
+# there by chance; this one does not depend on what else the kernel does.
+#
 # Note [fp64]
 # fp64 params step in fp64. The one bias-correction division per element, sqrt(v) / sqrt(c),
 # becomes a multiplication by 1 / sqrt(c) computed once per program: within an ulp of torch's
@@ -495,7 +506,9 @@ def _tied_adamw_kernel(
         qmax = tl.maximum(qmax, mx)
         nonfinite += nf
         high += hi
-    # Note [step counts]: the last of the tensor's programs to finish stores t.
+    # Note [step counts]: the last of the tensor's programs to finish stores t; Note [ticket
+    # ordering]: every thread of this program has read the count before the ticket is taken.
+    tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + tid, 1)
     if ticket == tl.maximum(tl.cdiv(numel, CHUNK), 1) - 1:
         tl.store(step_ptr, t32)

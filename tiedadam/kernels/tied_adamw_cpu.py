@@ -48,6 +48,17 @@ caches the C++ on disk, so later processes load it in seconds); ``compile_second
 what each mode cost, for the benchmarks to report. Without a working C++ compiler the caller
 falls back to torch ops (``optim/torch_backend.py``), warning once.
 
+Note [cpu fallback]
+-------------------
+``run`` never raises into a step: by the time it runs, the step counts of its bucket are bumped
+and other tensors may be stepped. A failure to compile the first time (no C++ compiler), or
+later (dynamo guards the compiled function on torch's global state: the thread count,
+deterministic algorithms, autocast, grad mode; a change compiles a new variant, and after
+``recompile_limit`` variants dynamo raises ``FailOnRecompileLimitHit``), comes from dynamo and
+inductor before the compiled code runs, so nothing was written: ``run`` returns False, the
+caller steps that tensor with torch ops, and every later call in the process does the same
+(one warning says why).
+
 Note [compile threads]
 ----------------------
 Inductor writes the OpenMP loop only when the process has more than one thread at compile time,
@@ -245,14 +256,16 @@ def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
         with torch.no_grad(), inductor_codegen.vector_codegen():
             _step_fn(mode)(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr,
                        wide)
-    except Exception as e:  # no C++ compiler, or inductor cannot build here
-        if not first:
-            raise
+    except Exception as e:  # Note [cpu fallback]
         _broken = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        warnings.warn(f"tiedadam: torch.compile of the CPU step failed ({_broken}); CPU "
-                      f"tensors in bf16-state, master-weight and bf16-param modes use the "
-                      f"slower torch-op path from now on in this process (a C++ compiler is "
-                      f"needed: inductor builds the step as C++)", RuntimeWarning, stacklevel=3)
+        why = ("a C++ compiler is needed: inductor builds the step as C++" if first else
+               "torch's global settings changed since the step compiled (thread count, "
+               "deterministic algorithms, autocast, ...), and dynamo's guards on them asked "
+               "for a recompilation it refused")
+        warnings.warn(f"tiedadam: the compiled CPU step failed ({_broken}); CPU tensors in "
+                      f"bf16-state, master-weight and bf16-param modes use the slower torch-op "
+                      f"path from now on in this process ({why})", RuntimeWarning,
+                      stacklevel=3)
         return False
     if first:
         compile_seconds[mode] = time.perf_counter() - t0

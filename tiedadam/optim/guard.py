@@ -11,8 +11,12 @@ these must still hold, for every parameter of the step:
 * the param (its local shard) and every state role have the address, shape, strides, dtype and
   device they had: ``set_``, ``resize_``, ``.data =`` or an in-place view op (``t_``) keep a
   tensor's identity but change these;
+* the storage of each of those still holds the bytes it held (Note [storage extents]);
 * the grad has the param's shape, dtype and device, and the walk strides (a grad in another
-  layout is copied into them for the step, as when the plan was built).
+  layout is copied into them for the step, as when the plan was built); it is a plain tensor
+  (a subclass goes through the full check, which copies it), without the negative or
+  conjugate bit, and lies inside its storage; a DTensor grad has the param's mesh and
+  placements.
 
 Any difference sends the step down the full check (plan.py), which explains what is wrong or
 builds a new plan. Ids are compared only for objects the plan holds, so no id can have been
@@ -42,21 +46,41 @@ steps that follow (nothing changes in what is checked):
   (``_local_tensor`` read in C and compared by id), so the checks above, made on those local
   shards, still apply; the grads' local shards are read the same way.
 
+* Extents: the held storages' sizes are compared (Note [storage extents]); each grad's storage
+  offset is the one armed and its storage holds the walk's reach from there.
+* DTensor grads: each grad's ``_spec`` is the spec object of the step that armed the check
+  (verified then to have the param's mesh and placements). DTensor keeps spec objects in a
+  cache shared by the tensors of one sharding (FSDP2 hands every grad the param's own), so
+  this is an identity comparison; the plan holds the objects, so no id is reused.
+
 Any miss falls back to the full per-parameter comparison above, which re-arms the fast check
 when everything holds. Where torch lacks these functions, or they misbehave, the guard uses the
 comparison above only (``USE_FAST_GUARD``). The fast check is built from what was just
 verified, so it can only be stricter (a requires_grad flip on a param costs one slow step).
+
+Note [storage extents]
+----------------------
+The kernel reads and writes ``reach_bytes(t)`` bytes of each tensor's storage (plan.py, Note
+[what the kernel may trust], 4). A tensor's shape, strides and offset are checked against its
+storage whenever torch sets them (views, ``set_``, ``as_strided``), but a storage resized under
+it (``untyped_storage().resize_``, what FSDP does to unsharded params) is not. So the plan
+holds the storage object of every param and state tensor it walks and records its ``nbytes()``.
+Holding the object keeps its memory allocated: a resize frees it and changes ``nbytes()``
+(compared every step), and only then can the address be handed to another allocation; a
+tensor moved to another storage (``set_``, ``.data =``) changes its address, also compared.
+Fresh grads are not held: each grad's storage size is read every step and compared with the
+reach the walk needs.
 """
 
 from __future__ import annotations
 
 from itertools import chain, repeat
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_, itemgetter, le
 
 import torch
 from torch import Tensor
 
-from .plan import MASTER_KEY, layout_grad
+from .plan import MASTER_KEY, layout_grad, reach_bytes
 from .shards import local_tensor
 
 _SHAPE = attrgetter("shape")
@@ -66,6 +90,12 @@ _PTR = Tensor.data_ptr
 _STRIDE = Tensor.stride
 _DEVICE = Tensor.get_device  # an int (-1 for CPU): the cheap form of .device, which builds an object
 _LOCAL = attrgetter("_local_tensor")  # a DTensor's local shard (shards.local_tensor, in C)
+_SPEC = attrgetter("_spec")  # a DTensor's sharding (mesh, placements, ...)
+_STORAGE = Tensor.untyped_storage
+_NBYTES = torch.UntypedStorage.nbytes
+_OFFSET = Tensor.storage_offset
+_NEG = Tensor.is_neg
+_CONJ = Tensor.is_conj
 _ROLES = itemgetter("step", "exp_avg", "exp_avg_sq")
 _MASTER = itemgetter(MASTER_KEY)
 
@@ -92,10 +122,12 @@ def tensor_guards(ts: list):
 
 
 def _fast_guard_works() -> bool:
-    """The fast check relies on two things of the running torch and Python; verified once, on
+    """The fast check relies on things of the running torch and Python; verified once, on
     small tensors and dicts, before it is armed anywhere: a dict's version changes when a key
-    gets another object or is added, and the tensor check refuses another shape, strides,
-    dtype or type."""
+    gets another object or is added, and the tensor check accepts a tensor like the one it was
+    built from but refuses each property on its own: another shape, other strides with the
+    same shape (a transposed square), another dtype, another type, another layout, the
+    negative bit."""
     d = {"a": 1}
     v0 = _dict_version(d)
     d["a"] = 2
@@ -103,11 +135,12 @@ def _fast_guard_works() -> bool:
     d["b"] = 3
     if len({v0, v1, _dict_version(d)}) != 3:
         return False
-    t = torch.zeros(2, 3)
+    t = torch.zeros(3, 3)
     tg = tensor_guards([t])
-    return tg is not None and not any(tg.check(x) for x in (
-        torch.zeros(3, 2), t.t(), torch.zeros(2, 3, dtype=torch.float64),
-        torch.nn.Parameter(torch.zeros(2, 3)), torch.zeros(2, 3).to_sparse()))
+    return tg is not None and tg.check(torch.ones(3, 3)) and not any(tg.check(x) for x in (
+        torch.zeros(3, 4), torch.zeros(3, 3).t(), torch.zeros(3, 3, dtype=torch.float64),
+        torch.nn.Parameter(torch.zeros(3, 3)), torch.zeros(3, 3).to_sparse(),
+        torch.zeros(3, 3, dtype=torch.complex64).conj().imag))  # neg bit
 
 
 _FAST_GUARD_VERIFIED: bool | None = None
@@ -143,12 +176,25 @@ class Guard:
         self.local_ids = list(map(id, locals_))
         params = list(map(local_tensor, sources)) if sharded else sources
         # One list for every tensor the kernel touches besides the grads: params, then states.
-        self.layout = layout(params + locals_)
+        tensors = params + locals_
+        self.layout = layout(tensors)
+        # Note [storage extents]: held, so their memory stays theirs while the sizes match
+        self.storages = list(map(_STORAGE, tensors))
+        self.nbytes = list(map(_NBYTES, self.storages))
         n = len(params)
         _, shapes, _, dtypes, devices = self.layout
         self.shapes, self.dtypes, self.devices = shapes[:n], dtypes[:n], devices[:n]  # grads'
         self.walk = [e.exp_avg.stride() for e in entries]  # every role's walk strides
+        # what a grad walked in place needs of its storage, from its offset on (bytes)
+        self.reach = [reach_bytes(torch.empty_strided(p.shape, w, dtype=p.dtype,
+                                                      device="meta"))
+                      for p, w in zip(params, self.walk)]
+        self.itemsizes = [p.element_size() for p in params]
         self.copied = [j for j, e in enumerate(entries) if e.writeback is not None]
+        # DTensor params: the mesh and placements each grad must have (None: a plain param)
+        self.meshes = [getattr(s, "device_mesh", None) for s in sources] if sharded else None
+        self.placements = ([getattr(s, "placements", None) for s in sources] if sharded
+                           else None)
         self.fast = None  # what _arm records for _fast_holds
         self.arms = 0
 
@@ -184,25 +230,32 @@ class Guard:
         """Note [guard fast path]: the same facts as ``_check``, in a few C calls. The grads as
         the kernel takes them (local shards), or None: then ``_check`` decides."""
         (st, version, sts, versions, dt_objs, dt_local_ids, tensors, tensor_check,
-         local_grads, grad_check) = self.fast
+         grad_specs, spec_ids, grad_offsets, grad_check) = self.fast
         if not (state is st and _dict_version(state) == version
                 and list(map(_dict_version, sts)) == versions):
             return None
         if dt_objs and list(map(id, map(_LOCAL, dt_objs))) != dt_local_ids:
             return None  # a DTensor's local shard was replaced
-        if not (tensor_check.check(*tensors) and list(map(_PTR, tensors)) == self.layout[0]):
+        if not (tensor_check.check(*tensors) and list(map(_PTR, tensors)) == self.layout[0]
+                and list(map(_NBYTES, self.storages)) == self.nbytes):
             return None
-        if local_grads:
+        if grad_specs is not None:
             try:
+                if list(map(id, map(_SPEC, grads))) != spec_ids:
+                    return None  # another sharding (or a spec the cache made anew)
                 grads = list(map(_LOCAL, grads))
             except AttributeError:  # a grad that is not a DTensor
                 return None
-        return grads if grad_check.check(*grads) else None
+        if not (grad_check.check(*grads) and list(map(_OFFSET, grads)) == grad_offsets
+                and all(map(le, self.need, map(_NBYTES, map(_STORAGE, grads))))):
+            return None
+        return grads
 
-    def _arm(self, state, sources: list, sts: list, held: list, grads: list) -> None:
-        """After ``_check`` passed with grads in the walk layout (``grads``: local shards):
-        the fast check of what it verified (Note [guard fast path]). ``held``: the state
-        tensor objects (DTensors where sharded)."""
+    def _arm(self, state, sources: list, sts: list, held: list, user_grads: list,
+             grads: list) -> None:
+        """After ``_check`` passed with grads in the walk layout (``grads``: local shards of
+        ``user_grads``): the fast check of what it verified (Note [guard fast path]).
+        ``held``: the state tensor objects (DTensors where sharded)."""
         global _FAST_GUARD_VERIFIED
         self.fast = None
         if not USE_FAST_GUARD or self.arms >= _MAX_ARMS:
@@ -218,18 +271,21 @@ class Guard:
         objs = list(sources) + held  # the same objects while the plan key and versions hold
         dt_objs = [o for o in objs if isinstance(o, Tensor) and hasattr(o, "_local_tensor")]
         tensors = list(map(local_tensor, objs)) if dt_objs else objs  # layout order
-        local_grads = False
+        grad_specs = spec_ids = None
         if self.sharded:
-            user_grads = [s.grad for s in sources]
             n_dt = sum(hasattr(g, "_local_tensor") for g in user_grads)
             if 0 < n_dt < len(user_grads):
                 return  # DTensor and plain grads in one plan: the full comparison only
-            local_grads = n_dt > 0
+            if n_dt:
+                grad_specs = list(map(_SPEC, user_grads))  # held: their ids stay theirs
+                spec_ids = list(map(id, grad_specs))
+        offsets = list(map(_OFFSET, grads))
+        self.need = [o * k + r for o, k, r in zip(offsets, self.itemsizes, self.reach)]
         tensor_check, grad_check = tensor_guards(tensors), tensor_guards(grads)
         if tensor_check is not None and grad_check is not None:
             self.fast = (state, _dict_version(state), sts, list(map(_dict_version, sts)),
                          dt_objs, list(map(id, map(_LOCAL, dt_objs))), tensors, tensor_check,
-                         local_grads, grad_check)
+                         grad_specs, spec_ids, offsets, grad_check)
 
     def _check(self, state, sources: list, grads: list) -> tuple | None:
         """Note [guard]: (grads in the walk layout, {j: (None, the user's grad)} for grads
@@ -250,15 +306,25 @@ class Guard:
             if list(map(id, held)) != self.local_ids:
                 return None
         locals_ = list(map(local_tensor, sources)) if sharded else sources
-        if not _same_layout(locals_ + held, self.layout):
+        if not (_same_layout(locals_ + held, self.layout)
+                and list(map(_NBYTES, self.storages)) == self.nbytes):
             return None
+        user_grads = grads
         if sharded:
+            # each grad a DTensor with its param's mesh and placements, or plain for a plain
+            # param (Note [what the kernel may trust], 1, in plan.py)
+            if (list(map(getattr, grads, repeat("device_mesh"), repeat(None))) != self.meshes
+                    or list(map(getattr, grads, repeat("placements"), repeat(None)))
+                    != self.placements):
+                return None
             grads = list(map(local_tensor, grads))
-        elif not all(map(is_, map(type, grads), repeat(Tensor))):
-            return None  # a subclass (a DTensor grad of a plain param): the full check unwraps
+        if not all(map(is_, map(type, grads), repeat(Tensor))):
+            return None  # a subclass (one without storage, a DTensor grad of a plain param):
+            # the full check decides
         if (list(map(_SHAPE, grads)) != self.shapes or list(map(_DTYPE, grads)) != self.dtypes
                 or list(map(_DEVICE, grads)) != self.devices
-                or not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))):
+                or not all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
+                or any(map(_NEG, grads)) or any(map(_CONJ, grads))):
             return None  # the full check names the parameter and what is wrong (sparse grads)
         strides = list(map(_STRIDE, grads))
         special = {}
@@ -267,7 +333,15 @@ class Guard:
             for j, (s, w) in enumerate(zip(strides, self.walk)):
                 if s != w and locals_[j].numel() > 1:
                     grads[j], out = layout_grad(grads[j], locals_[j], w)
+                    if grads[j] is None:
+                        return None  # outside its storage: the full check names it
                     special[j] = (None, out)
-        else:
-            self._arm(state, sources, sts, held_objs, grads)
+        need = [o * k + r for o, k, r in zip(map(_OFFSET, grads), self.itemsizes, self.reach)]
+        try:
+            if not all(map(le, need, map(_NBYTES, map(_STORAGE, grads)))):
+                return None  # a grad outside its storage: the full check names it
+        except (RuntimeError, NotImplementedError):
+            return None  # a local shard without storage: the full check copies it
+        if not special:
+            self._arm(state, sources, sts, held_objs, user_grads, grads)
         return grads, special

@@ -127,6 +127,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 # Per-group options besides the hyperparameters, with their defaults (kept in defaults and in
 # every group, as torch keeps foreach/fused/capturable, so deepcopy, pickling and state_dict()
 # carry them).
+# The options a group's state and plans are made under (Note [what the kernel may trust], 6, in
+# plan.py: an edit of one of them converts the state as a load would).
+STATE_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding",
+                 "param_stochastic_rounding", "seed")
 OPTION_DEFAULTS = dict(capturable=False, maximize=False, master_weights=False,
                        state_dtype="float32", stochastic_rounding=True,
                        param_stochastic_rounding=False, seed=0)
@@ -204,13 +208,32 @@ class TiedGroup(dict):
         return (TiedGroup, (dict(self),))
 
 
-def check_deepspeed_compat(adam_w_mode: Any, torch_adam: Any) -> None:
-    """Keys that DeepSpeed configs written for its AdamW carry. ``torch_adam`` only picks
-    DeepSpeed's implementation (ignored here); ``adam_w_mode`` must be True (decoupled decay)."""
+def check_config_keys(adam_w_mode: Any = True, torch_adam: Any = None, amsgrad: Any = False,
+                      bias_correction: Any = True, fused: Any = None, foreach: Any = None,
+                      differentiable: Any = False) -> None:
+    """Keys that configs written for torch's AdamW or DeepSpeed's Adam/AdamW carry. The values
+    that mean what TiedAdamW does are accepted (``fused``/``foreach``/``torch_adam`` only pick
+    an implementation: TiedAdamW's is its own); the others are refused with the reason."""
+    for name, value in (("adam_w_mode", adam_w_mode), ("amsgrad", amsgrad),
+                        ("bias_correction", bias_correction), ("differentiable", differentiable),
+                        ("torch_adam", torch_adam), ("fused", fused), ("foreach", foreach)):
+        if value is not None and not isinstance(value, bool):
+            if name in ("torch_adam", "fused", "foreach") or value not in (0, 1):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
     if not adam_w_mode:
         raise ValueError("adam_w_mode=False asks for Adam with L2 regularisation (weight decay "
                          "added to the gradient); TiedAdamW implements AdamW's decoupled weight "
                          "decay only. Remove adam_w_mode or set it to true, or use DeepSpeed's "
                          "Adam for L2 regularisation")
-    if torch_adam is not None and not isinstance(torch_adam, bool):
-        raise TypeError(f"torch_adam must be True or False, got {torch_adam!r}")
+    if amsgrad:
+        raise ValueError("amsgrad=True: TiedAdamW has no AMSGrad (it would keep a max of v that "
+                         "tied betas do not need: the update is bounded by 1 already); remove "
+                         "amsgrad or set it to false, or use torch.optim.AdamW(amsgrad=True)")
+    if not bias_correction:
+        raise ValueError("bias_correction=False: TiedAdamW always divides the moments by "
+                         "c = 1 - beta**t (one factor for both, with tied betas), as "
+                         "torch.optim.AdamW does; remove bias_correction or set it to true")
+    if differentiable:
+        raise ValueError("differentiable=True: TiedAdamW's step runs in a kernel that autograd "
+                         "cannot trace; use torch.optim.AdamW(differentiable=True) to "
+                         "differentiate through optimizer steps")

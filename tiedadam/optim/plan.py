@@ -6,32 +6,53 @@ The Triton kernel walks every role of a tensor (param, grad, exp_avg, exp_avg_sq
 ``numel`` elements of flat memory from a raw address, and the torch backend's fused op assumes
 the same. So before any launch, every step, for every parameter with a grad:
 
-1. **Grad.** Dense, the param's shape, dtype and device (else an error naming the parameter).
-   A grad whose strides differ from the param's walk order (a transposed grad, the stride-0
-   ``expand`` that autograd returns for a param used through ``.sum()``) is copied into the
-   param's layout for this step: handled, not refused.
+1. **Grad.** Dense, the param's shape, dtype and device (else an error naming the parameter);
+   for a DTensor param, a DTensor grad on the param's mesh with its placements (the local
+   shards then cover the same elements); a plain param needs a plain grad. A grad the kernel
+   cannot walk in place is copied into the param's walk layout for this step: handled, not
+   refused. That is a grad whose strides differ from the walk order (a transposed grad, the
+   stride-0 ``expand`` autograd returns for a param used through ``.sum()``), a grad with the
+   negative or conjugate bit set (``torch._neg_view``: its memory holds the negated values),
+   and a tensor subclass without storage of its own (a wrapper subclass: ``copy_`` dispatches
+   to it, as torch's own AdamW would).
 2. **Param layout.** A param that is non-overlapping and dense (contiguous, channels_last, any
    permutation) is walked in its own storage order; every role must then have *the same
-   strides*. A param with gaps or overlap (a strided view) is stepped through a contiguous
-   working copy that is written back after the launch.
+   strides*. A param with gaps (a strided view) is stepped through a contiguous working copy
+   that is written back after the launch. A param whose elements share memory (a stride-0
+   ``expand``) cannot take an update and is refused, as torch's in-place ops refuse it; so is
+   a param with the negative or conjugate bit, or without storage.
 3. **State.** ``exp_avg``/``exp_avg_sq`` (and ``master_param`` with master weights) have the
    param's shape and walk strides, live on its device, and have the expected dtype: the
    group's ``state_dtype`` (fp32 master), or fp64 for fp64 params. ``step`` is a one-element
    fp32 tensor on the param's device. Empty state is created; anything else that does not
    match (a param resized or re-typed after its state was made, a state tensor replaced by one
    of another size) raises before anything changes, saying how to reset that state.
-4. **Cached plans** (buckets, address tables) are reused only while everything they trust
+4. **Storage extents.** Every tensor the kernel walks through an address (param, grad, each
+   state role) lies inside its storage: storage offset plus the walk's reach, in bytes, is at
+   most the storage's ``nbytes()``. A storage freed or shrunk under a tensor
+   (``untyped_storage().resize_(0)``, which FSDP does to unsharded params) keeps the tensor's
+   shape and strides; without this check the kernel would step through address 0 or past the
+   end.
+5. **Cached plans** (buckets, address tables) are reused only while everything they trust
    still holds: the identity of each parameter's state dict and state tensors, and the
-   address, size, strides, dtype and device of the param and of every state role; each grad
-   has the param's shape, dtype and device (Note [guard] in guard.py, which checks all of it
-   at every step without a Python loop over the parameters). A replaced state tensor, a
+   address, size, strides, dtype, device and storage size of the param and of every state
+   role; each grad has the param's shape, dtype, device and (DTensors) placements, no
+   negative bit, and lies inside its storage (Note [guard] in guard.py, which checks all of
+   it at every step without a Python loop over the parameters). A replaced state tensor, a
    cleared state, a re-typed, resized or moved param can never be stepped through a plan made
    for the old one: any difference sends the step through the full check above and builds a
    new plan and table. Grads are fresh every step: their layout is checked each step and
    their addresses re-pointed in the table (Note [table cache] in kernels/multi_tensor.py).
+6. **Option edits.** A group whose options (``state_dtype``, ``master_weights``, ``seed``, the
+   rounding flags) changed since its state was made has its plans dropped; its state is
+   converted as ``load_state_dict`` would convert a checkpoint holding the new values
+   (moments cast to the new state dtype, master weights made from the param or dropped), so
+   an uninterrupted run and one resumed from a checkpoint step alike.
 
-Only after all of that holds for every bucket of the step does any kernel run, so a refused
-step is never half-applied.
+Only after all of that holds for every parameter of the step is anything written: state that
+must be created or converted is staged and committed once everything checked out, and only
+then does any kernel run. Launches and write-backs come last and cannot raise on user input,
+so a refused step is never half-applied (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -82,6 +103,66 @@ _RESET = ("reset it with `del optimizer.state[p]` (fresh moments) or load a chec
           "for this parameter")
 
 
+# ---------------------------------------------------------------------- memory facts
+def storage_of(t: Tensor):
+    """``t``'s UntypedStorage, or None for a tensor without storage of its own (a wrapper
+    subclass: its ``data_ptr()`` is 0, its storage object raises when asked for an address)."""
+    try:
+        storage = t.untyped_storage()
+        storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return storage
+
+
+def reach_bytes(t: Tensor) -> int:
+    """Bytes from the start of ``t``'s storage through the last element its walk touches (0
+    for an empty tensor): what the storage must hold (Note [what the kernel may trust], 4)."""
+    if t.numel() == 0:
+        return 0
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def fits_storage(t: Tensor, storage) -> bool:
+    return reach_bytes(t) <= storage.nbytes()
+
+
+def _has_bits(t: Tensor) -> bool:
+    """The negative or conjugate bit: the memory holds other values than the tensor reads."""
+    return t.is_neg() or t.is_conj()
+
+
+def is_expanded(t: Tensor) -> bool:
+    """Elements that share memory (a stride-0 dimension of size > 1): what torch's in-place
+    ops refuse ("more than one element of the written-to tensor refers to a single memory
+    location")."""
+    return any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
+
+
+def _check_memory(what: str, t: Tensor, fix: str) -> None:
+    """``t`` (a param or state role) is memory the kernel may walk through its address."""
+    if _has_bits(t):
+        bit = "negative" if t.is_neg() else "conjugate"
+        raise RuntimeError(f"{what} has the {bit} bit set (its memory holds other values "
+                           f"than it reads, e.g. a torch._neg_view): the kernel updates memory; "
+                           f"{fix}")
+    storage = storage_of(t)
+    if storage is None:
+        raise RuntimeError(f"{what} is a {type(t).__name__} without storage of its own (a "
+                           f"wrapper tensor subclass): the kernel updates memory through its "
+                           f"address; {fix}")
+    if not fits_storage(t, storage):
+        raise RuntimeError(f"{what} reaches {reach_bytes(t)} bytes into its storage, which "
+                           f"holds {storage.nbytes()} (was the storage freed or shrunk, "
+                           f"e.g. untyped_storage().resize_(0)?); {fix}")
+
+
+# ---------------------------------------------------------------------- grads
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "_local_tensor")
+
+
 def check_grad(gi: int, i: int, p: Tensor, g: Tensor) -> None:
     """Raise the error that explains why ``g`` cannot be used as the grad of ``p``."""
     name = _name(gi, i, p)
@@ -94,13 +175,61 @@ def check_grad(gi: int, i: int, p: Tensor, g: Tensor) -> None:
                            f"it must match the param ({tuple(p.shape)}, {p.dtype})")
     if g.device != p.device:
         raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
+    if _is_dtensor(p) != _is_dtensor(g):
+        kinds = ("a DTensor", "a plain tensor") if _is_dtensor(p) else ("a plain tensor",
+                                                                         "a DTensor")
+        raise RuntimeError(f"grad of {name} is {kinds[1]}, the param {kinds[0]}: the kernel "
+                           f"steps the param's local shard with the grad's, so both must be "
+                           f"DTensors with the same placements, or both plain tensors")
+    if _is_dtensor(p) and (g.device_mesh != p.device_mesh or
+                           tuple(g.placements) != tuple(p.placements)):
+        raise RuntimeError(
+            f"grad of {name} is a DTensor with placements {tuple(g.placements)} on "
+            f"{g.device_mesh}, the param has {tuple(p.placements)} on {p.device_mesh}: their "
+            f"local shards hold different elements. Redistribute the grad first: "
+            f"p.grad = p.grad.redistribute(p.device_mesh, p.placements)")
 
 
+def needs_grad_copy(g: Tensor, local: Tensor, strides: tuple) -> bool:
+    """The kernel cannot walk ``g`` in place (Note [what the kernel may trust], 1)."""
+    return (local.numel() > 1 and g.stride() != strides) or _has_bits(g) \
+        or storage_of(g) is None
+
+
+def layout_grad(g: Tensor, local: Tensor, strides: tuple) -> tuple[Tensor, Tensor | None]:
+    """(the grad as the kernel walks it, the user's grad if that needed a copy). The copy goes
+    through torch's ``copy_``, which reads any layout, resolves the negative and conjugate bits
+    and dispatches to a tensor subclass. A grad walked in place must lie inside its storage:
+    None is returned for the grad otherwise (the caller refuses)."""
+    if needs_grad_copy(g, local, strides):
+        storage = storage_of(g)
+        if storage is not None and not fits_storage(g, storage):
+            return None, g  # copy_ would read past the end too
+        out = torch.empty_strided(local.shape, strides, dtype=g.dtype, device=g.device)
+        out.copy_(g)
+        return out, g
+    if not fits_storage(g, g.untyped_storage()):
+        return None, g
+    return g, None
+
+
+def writes_back_in_place(g: Tensor) -> bool:
+    """Whether the unscaled grad (AMP, Note [amp] in the kernel) can be copied into the user's
+    grad ``g``; otherwise ``p.grad`` is replaced by the unscaled copy (an expanded grad, one
+    with the negative bit, a subclass without storage)."""
+    return type(g) is Tensor and is_dense(g) and not _has_bits(g)
+
+
+# ---------------------------------------------------------------------- state
 def _check_role(gi: int, i: int, p: Tensor, local: Tensor, role: str, t, dtype: torch.dtype,
                 strides: tuple) -> Tensor:
     if not isinstance(t, Tensor):
         raise RuntimeError(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)} is "
                            f"{type(t).__name__}, not a tensor; {_RESET}")
+    if _is_dtensor(t) != _is_dtensor(p) or _is_dtensor(t) and (
+            t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements)):
+        raise RuntimeError(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)} is not sharded "
+                           f"as the parameter is (DTensor placements must match); {_RESET}")
     t = local_tensor(t)
     if t.shape != local.shape:
         raise RuntimeError(
@@ -118,6 +247,7 @@ def _check_role(gi: int, i: int, p: Tensor, local: Tensor, role: str, t, dtype: 
     if t.numel() > 1 and t.stride() != strides:
         raise RuntimeError(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)} has strides "
                            f"{t.stride()}, the parameter is walked with {strides}; {_RESET}")
+    _check_memory(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)}", t, _RESET)
     return t
 
 
@@ -130,9 +260,12 @@ def _check_step(gi: int, i: int, p: Tensor, local: Tensor, t) -> Tensor:
                            f"TiedAdamW keeps a one-element float32 tensor on the parameter's "
                            f"device ({local.device}); load checkpoints with load_state_dict, "
                            f"which converts it")
+    _check_memory(f"optimizer.state[p]['step'] of {_name(gi, i, p)}", local_tensor(t),
+                  "load checkpoints with load_state_dict, which makes a fresh step tensor")
     return t
 
 
+# ---------------------------------------------------------------------- params
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill exactly ``numel`` consecutive slots in some
     dimension order (contiguous, channels_last, any permutation). torch's own test of this is
@@ -155,11 +288,29 @@ def walk_strides(local: Tensor) -> tuple[tuple, bool]:
     return torch.empty(local.shape, device="meta").stride(), False  # contiguous working copy
 
 
+def check_param(gi: int, i: int, p: Tensor, local: Tensor) -> None:
+    """``local`` (the param or its local shard) is memory an update can be written to."""
+    fix = ("pass a parameter that owns its memory (e.g. `p.data = p.data.clone()`, "
+           "or `resolve_neg()`)")
+    if is_expanded(local):
+        raise RuntimeError(f"{_name(gi, i, p)} is an expanded view (stride 0 in a dimension "
+                           f"of size > 1, strides {local.stride()}): its elements share memory, "
+                           f"so no update can be written to it (torch's in-place ops refuse it "
+                           f"too); {fix}")
+    _check_memory(_name(gi, i, p), local, fix)
+
+
 def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry:
     """Verify one parameter's roles (Note [what the kernel may trust]) and return its Entry.
-    Raises before anything is changed. ``st`` must already hold the state (see ``init``)."""
+    Raises before anything is changed. ``st`` must already hold the state (see ``init``):
+    the committed dict, or the one staged for this step."""
+    check_grad(gi, i, p, g)
     local = local_tensor(p)
-    g = local_tensor(g)
+    check_param(gi, i, p, local)
+    g_local = local_tensor(g)
+    if g_local.shape != local.shape:
+        raise RuntimeError(f"grad of {_name(gi, i, p)} has a local shard of shape "
+                           f"{tuple(g_local.shape)}, the param's is {tuple(local.shape)}")
     strides, in_place = walk_strides(local)
     dtype = state_dtype_for(local.dtype, group)
     if "exp_avg" not in st or "exp_avg_sq" not in st or "step" not in st:
@@ -171,6 +322,9 @@ def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry
     step = _check_step(gi, i, p, local, st["step"])
     master = None
     if wants_master(local.dtype, group):
+        if MASTER_KEY not in st:
+            raise RuntimeError(f"optimizer.state[p] of {_name(gi, i, p)} lacks "
+                               f"{MASTER_KEY!r} (master_weights=True); {_RESET}")
         master = _check_role(gi, i, p, local, MASTER_KEY, st[MASTER_KEY], torch.float32,
                              strides)
     elif MASTER_KEY in st:
@@ -178,16 +332,41 @@ def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry
                            f"but this parameter gets no master weights (its dtype is "
                            f"{local.dtype}, master_weights={group['master_weights']}); delete "
                            f"it with `del optimizer.state[p][{MASTER_KEY!r}]`")
-    g, grad_out = layout_grad(g, local, strides)
+    g_walk, grad_out = layout_grad(g_local, local, strides)
+    if g_walk is None:
+        storage = g_local.untyped_storage()
+        raise RuntimeError(f"grad of {_name(gi, i, p)} reaches {reach_bytes(g_local)} bytes "
+                           f"into its storage, which holds {storage.nbytes()} (was the storage "
+                           f"freed or shrunk, e.g. untyped_storage().resize_(0)?)")
     if in_place:
-        return Entry(gi, i, p, local, g, m, v, master, step, None, grad_out)
+        return Entry(gi, i, p, local, g_walk, m, v, master, step, None, grad_out)
     work = torch.empty_strided(local.shape, strides, dtype=local.dtype, device=local.device)
     work.copy_(local)
-    return Entry(gi, i, p, work, g, m, v, master, step, local, grad_out)
+    return Entry(gi, i, p, work, g_walk, m, v, master, step, local, grad_out)
+
+
+# ---------------------------------------------------------------------- creating state
+def cast_state(p: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+    """A state tensor for ``p`` with ``v``'s values in ``dtype`` (round to nearest), laid out
+    as the param is walked, sharded like the param (DTensors): what ``load_state_dict`` makes
+    of a saved tensor, and what an option edit makes of the current state."""
+    local = local_tensor(p)
+    _, in_place = walk_strides(local)
+    fmt = torch.preserve_format if in_place else torch.contiguous_format
+    if _is_dtensor(v):
+        return v.detach().to(device=p.device, dtype=dtype, copy=True)
+    if not _is_dtensor(p):
+        out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
+        out.copy_(v.detach())  # the param's walk layout, whatever the saved strides
+        return out
+    # Plain tensor state for a DTensor param: shard it like the param.
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(v.detach().to(dtype=dtype), p.device_mesh, p.placements)
 
 
 def init(p: Tensor, st: dict, group: dict) -> None:
-    """Create missing state for ``p``: zeros for the moments, a copy of ``p`` as master."""
+    """Create missing state for ``p`` in ``st``: zeros for the moments, a copy of ``p`` as
+    master."""
     local = local_tensor(p)
     if not st:
         dtype = state_dtype_for(local.dtype, group)
@@ -206,10 +385,24 @@ def init_master(p: Tensor, st: dict, group: dict) -> None:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
 
-def layout_grad(g: Tensor, local: Tensor, strides: tuple) -> tuple[Tensor, Tensor | None]:
-    """(the grad in the param's walk layout, the user's grad if that needed a copy)."""
-    if local.numel() > 1 and g.stride() != strides:
-        out = torch.empty_strided(local.shape, strides, dtype=g.dtype, device=g.device)
-        out.copy_(g)
-        return out, g
-    return g, None
+def apply_options(p: Tensor, st: dict, group: dict, before: dict | None) -> dict:
+    """``st`` as ``load_state_dict`` would make it under ``group``'s options (Note [what the
+    kernel may trust], 6): a new dict when something changes, else ``st``; nothing is written
+    to ``st``. Moments in the other state dtype (fp32 or bf16; fp64 params keep fp64) are cast
+    to the group's; master weights are dropped when ``before``, the options the state was made
+    under, wanted them and the group no longer does (the param holds the rounded master)."""
+    local = local_tensor(p)
+    out = st
+    if local.dtype != torch.float64:
+        new = state_dtype_for(local.dtype, group)
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = st.get(k)
+            if (isinstance(v, Tensor) and v.dtype != new
+                    and v.dtype in _STATE_DTYPES.values()):
+                out = dict(out) if out is st else out
+                out[k] = cast_state(p, v, new)
+    if before is not None and MASTER_KEY in out and wants_master(local.dtype, before) \
+            and not wants_master(local.dtype, group):
+        out = dict(out) if out is st else out
+        del out[MASTER_KEY]
+    return out

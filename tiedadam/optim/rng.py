@@ -6,7 +6,7 @@ Stochastic rounding adds random low bits before truncating to bf16 (unbiased: E[
 Two tensors must never get the same noise at the same (element, step): correlated rounding
 errors add up instead of cancelling. So each tensor has its own 63-bit stream key,
 
-    key = mix(seed, group ordinal, position in the group, shard offset)
+    key = mix(seed, group ordinal, position in the group, shard offset[, slot])
 
 * ``seed``: the group's ``seed`` option (``torch.initial_seed()`` by default).
 * group ordinal: the group's number in the order this optimizer first saw its groups. For a
@@ -15,6 +15,13 @@ errors add up instead of cancelling. So each tensor has its own 63-bit stream ke
   index 0: the ordinal still tells the flat partitions apart (they are first seen in the same
   order on every run, and after every checkpoint load, which renumbers).
 * position: the parameter's index in its group.
+* slot: how many other tensors were first seen at this (group ordinal, position) before this
+  one, folded in only when it is not 0 (so a plain run's keys are the same as without it).
+  ZeRO-3 with ``sub_group_size`` steps each fp32 sub-group partition alone, through the same
+  group dict with ``params=[partition]``: every partition is at (ordinal, 0), and the slot
+  tells them apart. DeepSpeed steps the sub-groups in a fixed order every step, the same after
+  a checkpoint load (which renumbers slots as it renumbers ordinals), so a resumed run draws
+  the noise of the uninterrupted one.
 * shard offset: for a DTensor (FSDP2, tensor parallel), the flat offset of the local shard in
   the full tensor, so shards on different ranks draw different noise while replicas
   (``Replicate`` mesh dimensions, HSDP) draw the same and stay bit-identical. A plain tensor
@@ -59,6 +66,8 @@ def shard_offset(t: Tensor) -> int:
     return sum(int(o) * s for o, s in zip(offset, strides))
 
 
-def stream_key(seed: int, ordinal: int, position: int, shard: int) -> int:
+def stream_key(seed: int, ordinal: int, position: int, shard: int, slot: int = 0) -> int:
     """The tensor's stream key (Note [rng streams])."""
+    if slot:
+        return mix(seed, ordinal, position, shard, slot)
     return mix(seed, ordinal, position, shard)

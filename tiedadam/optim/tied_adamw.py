@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not, itemgetter
@@ -96,8 +97,12 @@ class TiedAdamW(Optimizer):
             signal-to-noise in the telemetry, in [0, 1). Default 0.5.
         names: parameter names for the telemetry, in parameter order (or pass
             ``model.named_parameters()`` as params, or use ``from_named_parameters``).
-        adam_w_mode, torch_adam: keys of DeepSpeed configs written for AdamW; ``adam_w_mode``
-            must be True (decoupled weight decay), ``torch_adam`` is ignored.
+        adam_w_mode, torch_adam, bias_correction: keys of DeepSpeed configs written for its
+            Adam/AdamW; ``adam_w_mode`` and ``bias_correction`` must be True (decoupled weight
+            decay, bias-corrected moments), ``torch_adam`` is ignored.
+        amsgrad, fused, foreach, differentiable: keys of torch.optim.AdamW configs;
+            ``amsgrad`` and ``differentiable`` must be False, ``fused``/``foreach`` are
+            ignored (TiedAdamW's step is its own fused kernel).
 
     Every option except the telemetry ones and ``backend`` is also a param-group key (as torch
     keeps ``foreach``/``fused``), so state dicts, deepcopy and pickling carry them. Each step
@@ -116,13 +121,16 @@ class TiedAdamW(Optimizer):
                  param_stochastic_rounding: bool = False, seed: int | None = None,
                  capturable: bool = False, maximize: bool = False, telemetry: bool = False,
                  snr_threshold: float = 0.5, names: list[str] | None = None,
-                 adam_w_mode: bool = True, torch_adam: bool | None = None):
+                 adam_w_mode: bool = True, torch_adam: bool | None = None,
+                 amsgrad: bool = False, bias_correction: bool = True, fused: bool | None = None,
+                 foreach: bool | None = None, differentiable: bool = False):
         self.backend = H.check_backend(backend)
         if backend == "triton":
             reason = triton_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-        H.check_deepspeed_compat(adam_w_mode, torch_adam)
+        H.check_config_keys(adam_w_mode, torch_adam, amsgrad, bias_correction, fused, foreach,
+                            differentiable)
         if seed is None:
             seed = torch.initial_seed()
         defaults = dict(lr=lr, beta=self._resolve_beta(beta, betas, ""), eps=eps,
@@ -134,6 +142,11 @@ class TiedAdamW(Optimizer):
         self._set_options(telemetry, snr_threshold)
         self._reset_caches()
         self._beta_seen: dict[int, float] = {}
+        # Note [graph buffers]: device buffers a captured CUDA graph reads or writes (tickets,
+        # address tables, hyperparameters, telemetry rows). A plan or table rebuilt later would
+        # free them under the graph, which replays through their addresses; they live as long
+        # as the optimizer (not pickled, not reset by a load: the graph outlives both).
+        self._graph_buffers: list = []
         super().__init__(params, defaults)
         if names is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -159,7 +172,13 @@ class TiedAdamW(Optimizer):
         self._hyper_dev: dict = {}
         self._tele_plans: OrderedDict = OrderedDict()  # recently stepped plans (telemetry)
         self._ordinals: dict[int, tuple[int, dict]] = {}  # id(group) -> (ordinal, group)
+        self._slots: dict[tuple, list] = {}  # (ordinal, position) -> weakrefs, first seen first
         self._group_memo: dict[int, tuple | None] = {}  # id(group) -> what was validated
+        # id(group) -> (group, its options as its state was made): loaded state is cast to
+        # the loaded groups' options, so a load starts afresh (Note [what the kernel may
+        # trust], 6, in plan.py)
+        self._applied: dict[int, tuple[dict, dict]] = {}
+        self._edited: dict[int, tuple[dict, dict]] = {}  # groups whose options changed since
 
     def _ordinal(self, group: dict) -> int:
         """The group's number in the order this optimizer first saw its groups (Note [rng
@@ -173,6 +192,18 @@ class TiedAdamW(Optimizer):
                     self._ordinals[id(g)] = (len(self._ordinals), g)
             seen = self._ordinals[id(group)]
         return seen[0]
+
+    def _slot(self, ordinal: int, position: int, tensor: Tensor) -> int:
+        """How many other tensors were first seen at this (group ordinal, position) before
+        ``tensor`` (Note [rng streams] in rng.py): 0 in a plain run; ZeRO-3 steps each
+        sub-group partition alone through the same group dict, and numbers them here in the
+        order it steps them, which is the same after a load (renumbered, as ordinals)."""
+        refs = self._slots.setdefault((ordinal, position), [])
+        for k, ref in enumerate(refs):
+            if ref() is tensor:
+                return k
+        refs.append(weakref.ref(tensor))
+        return len(refs) - 1
 
     # Options that are not per-group hyperparameters travel with the object (deepcopy, pickle);
     # the per-group ones (state_dtype, seed, master_weights, ...) live in defaults and groups,
@@ -285,6 +316,7 @@ class TiedAdamW(Optimizer):
         d.setdefault("backend", "auto")
         d.setdefault("telemetry_enabled", False)
         d.setdefault("snr_threshold", 0.5)
+        d.setdefault("_graph_buffers", [])
         for k, v in H.OPTION_DEFAULTS.items():  # pickles from before these were group options
             self.defaults.setdefault(k, v)
         for i, group in enumerate(self.param_groups):
@@ -396,6 +428,9 @@ class TiedAdamW(Optimizer):
             state = self.state[p]
             group = group_of[k]
             for n, v in tensors.items():
+                if n == MASTER_KEY and not P.wants_master(local_tensor(p).dtype, group):
+                    continue  # saved with master weights, loaded into a group without: the
+                    # param holds the rounded master (Note [what the kernel may trust], 6)
                 state[n] = self._cast_loaded(p, n, v, group)
             if not state:
                 del self.state[p]
@@ -430,17 +465,7 @@ class TiedAdamW(Optimizer):
             v = v if isinstance(v, Tensor) else torch.tensor(float(v))
             return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
         dtype = torch.float32 if name == MASTER_KEY else P.state_dtype_for(local.dtype, group)
-        _, in_place = P.walk_strides(local)
-        fmt = torch.preserve_format if in_place else torch.contiguous_format
-        if hasattr(v, "to_local"):
-            return v.detach().to(device=p.device, dtype=dtype, copy=True)
-        if not hasattr(p, "to_local"):
-            out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
-            out.copy_(v.detach())  # the param's walk layout, whatever the saved strides
-            return out
-        # Plain tensor state for a DTensor param: shard it like the param.
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(v.detach().to(dtype=dtype), p.device_mesh, p.placements)
+        return P.cast_state(p, v, dtype)
 
     # ------------------------------------------------------------------ step
     def _backend_for(self, device: torch.device) -> str:
@@ -471,8 +496,24 @@ class TiedAdamW(Optimizer):
             self._sync_beta(group, where)
             H.check_group(group, where)
             self._beta_seen[id(group)] = group["beta"]
+            self._note_options(group)
             vals = tuple(map(group.get, _CHECKED_KEYS))
             memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
+
+    def _note_options(self, group: dict) -> None:
+        """Record a group's options when first seen; after an edit, drop the plans (they hold
+        rounding keys and buckets made for the old values) and remember what the state was
+        made under, for ``_entries`` to convert it (Note [what the kernel may trust], 6)."""
+        opts = {k: group[k] for k in H.STATE_OPTIONS}
+        applied = self._applied.get(id(group))
+        if applied is None or applied[0] is not group:
+            self._applied[id(group)] = (group, opts)
+        elif applied[1] != opts:
+            if id(group) not in self._edited:
+                self._invalidate()
+            self._edited[id(group)] = (group, applied[1])
+        else:
+            self._edited.pop(id(group), None)  # edited back before any step took it
 
     def _pending(self) -> list:
         """(group, position, param, grad) of every parameter with a grad, after checking each
@@ -490,23 +531,47 @@ class TiedAdamW(Optimizer):
 
     def _entries(self, pending: list) -> list:
         """Every pending parameter verified in full (Note [what the kernel may trust] in
-        plan.py). Raises before anything changes; creates the state of parameters that have
-        none, only once every existing state checked out."""
+        plan.py). Raises before anything changes: state to create (params without state, master
+        weights) or to convert (option edits, Note [what the kernel may trust], 6) is staged,
+        verified with the rest and committed only once every parameter checked out."""
         groups = self.param_groups
-        entries = [None] * len(pending)
-        fresh = []
         state = self.state
-        for j, (gi, i, p, g) in enumerate(pending):
-            st = state.get(p)
+        staged = {}  # id(param) -> (param, the state dict the step uses, in place of its own)
+        edited = [(g, self._edited[id(g)][1]) for g in groups if id(g) in self._edited]
+        for group, before in edited:  # the whole group is converted, as a load converts it
+            for p in group["params"]:
+                st = state.get(p)
+                if st:
+                    new = P.apply_options(p, st, group, before)
+                    if new is not st:
+                        staged[id(p)] = (p, new)
+        entries = []
+        for gi, i, p, g in pending:
+            group = groups[gi]
+            st = staged[id(p)][1] if id(p) in staged else state.get(p)
             if not st:
-                fresh.append(j)
-                continue
-            P.init_master(p, st, groups[gi])  # a loaded checkpoint without master weights
-            entries[j] = P.entry(gi, i, p, g, st, groups[gi])
-        for j in fresh:
-            gi, i, p, g = pending[j]
-            P.init(p, state[p], groups[gi])
-            entries[j] = P.entry(gi, i, p, g, state[p], groups[gi])
+                st = {}
+                P.init(p, st, group)
+            else:  # moments of the other state dtype (a replaced tensor, a deepcopy taken
+                st = P.apply_options(p, st, group, None)  # before an edit stepped); a master
+                if P.wants_master(local_tensor(p).dtype, group) and MASTER_KEY not in st:
+                    st = dict(st)  # from the param, as a loaded checkpoint without one gets
+                    P.init_master(p, st, group)
+            if st is not state.get(p):
+                staged[id(p)] = (p, st)
+            entries.append(P.entry(gi, i, p, g, st, group))
+            self._backend_for(entries[-1].param.device)  # refuses where Triton cannot run
+        # Everything checked out: commit (a state dict that exists keeps its identity).
+        for p, st in staged.values():
+            current = state.get(p)
+            if current is None:
+                state[p] = st
+            elif current is not st:
+                current.clear()
+                current.update(st)
+        for group, _ in edited:
+            self._applied[id(group)] = (group, {k: group[k] for k in H.STATE_OPTIONS})
+            del self._edited[id(group)]
         return entries
 
     def _plan(self, entries: list) -> list:
@@ -535,8 +600,13 @@ class TiedAdamW(Optimizer):
             b.exp_avg_sqs.append(e.exp_avg_sq)
             b.steps.append(e.step)
             b.groups.append(e.group)
-            b.keys.append(stream_key(group["seed"], self._ordinal(group), e.position,
-                                     shard_offset(e.source)) if state_sr or param_sr else 0)
+            if state_sr or param_sr:
+                ordinal = self._ordinal(group)
+                b.keys.append(stream_key(group["seed"], ordinal, e.position,
+                                         shard_offset(e.source),
+                                         self._slot(ordinal, e.position, e.source)))
+            else:
+                b.keys.append(0)
             b.names.append(self._param_name(e.group, e.source))
         for k, b in buckets.items():
             b.whole = len(buckets) == 1
@@ -605,9 +675,11 @@ class TiedAdamW(Optimizer):
         for i, (backend, b) in enumerate(plan.buckets):
             b.bind(grads, special)
             if backend == "triton":
-                self._triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
-                                  grad_scale=grad_scale, found_inf=found_inf,
-                                  snr_threshold=self.snr_threshold)
+                used = self._triton_step(b, (key, i), groups, self._tables, self._hyper_dev,
+                                         grad_scale=grad_scale, found_inf=found_inf,
+                                         snr_threshold=self.snr_threshold)
+                if used is not None:  # captured in a CUDA graph: Note [graph buffers]
+                    self._graph_buffers.append(used)
             else:
                 torch_step(b, groups, grad_scale=grad_scale,
                            found_inf=found_inf, snr_threshold=self.snr_threshold)
@@ -618,8 +690,9 @@ class TiedAdamW(Optimizer):
                 e.writeback.copy_(work)
             if grad_out is not None and grad_scale is not None:
                 # the unscaled grad (Note [amp] in the kernel), where the user's grad can hold
-                # it; an expanded (stride-0) grad is replaced by the unscaled copy
-                if P.is_dense(grad_out):
+                # it; a grad that cannot (expanded, negative bit, no storage) is replaced by
+                # the unscaled copy
+                if P.writes_back_in_place(grad_out):
                     grad_out.copy_(grads[j])
                 elif e.source.grad is grad_out:
                     e.source.grad = grads[j]

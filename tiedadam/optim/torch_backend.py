@@ -142,14 +142,17 @@ def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
     for gi in sorted(set(b.groups)):
         idx = [i for i, g in enumerate(b.groups) if g == gi]
         group = groups[gi]
+        # eps and weight decay may be 1-element CPU tensors (validated); torch's fused op takes
+        # floats for them (lr may stay a tensor)
+        eps, weight_decay = float(group["eps"]), float(group["weight_decay"])
         keys = None
         if b.state_sr or b.param_sr:
             keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
         torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
                          [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
                          [b.masters[i] for i in idx], [b.steps[i] for i in idx],
-                         lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                         weight_decay=group["weight_decay"], grad_scale=scale, found_inf=inf,
+                         lr=group["lr"], beta=group["beta"], eps=eps,
+                         weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
                          keys=keys, state_sr=b.state_sr, param_sr=b.param_sr)
         if b.telemetry is not None:
             from .telemetry import torch_rows
@@ -158,7 +161,7 @@ def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
             still = None if scale is None else torch.where(inf != 0, scale, torch.ones_like(scale))
             torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
                        [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
-                       beta=group["beta"], eps=group["eps"], snr_threshold=snr_threshold,
+                       beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
                        grad_scale=still)
             if inf is not None:  # nothing was updated: only the grad fields are meaningful
                 rows[:, 1:3] *= (inf == 0)

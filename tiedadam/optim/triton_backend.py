@@ -84,11 +84,29 @@ def hyper_table(groups: Sequence[dict], device: torch.device, persistent: dict) 
     return table
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work queued on ``device`` now is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCache,
                 persistent_hyper: dict, *, grad_scale: Tensor | None = None,
-                found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> None:
+                found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> tuple | None:
     """One launch for bucket ``b``, whose tensors were verified this step (plan.py). The kernel
-    bumps the step counts (Note [step counts] in the kernel): no foreach op here."""
+    bumps the step counts (Note [step counts] in the kernel): no foreach op here. Returns the
+    device buffers the launch used when it is being captured into a CUDA graph (the caller
+    keeps them: Note [graph buffers] in tied_adamw.py), else None."""
+    hyper, table = _launch(b, key, groups, cache, persistent_hyper, grad_scale, found_inf,
+                           snr_threshold)
+    if capturing(b.device):
+        return b.tickets, b.telemetry, hyper, table
+    return None
+
+
+def _launch(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCache,
+            persistent_hyper: dict, grad_scale, found_inf, snr_threshold: float):
+    """The launch of ``triton_step``; returns the hyperparameter table and the address table
+    (None: flat) it used."""
     hyper = hyper_table(groups, b.device, persistent_hyper)
     masters = b.masters if b.has_master else b.params
     scale, inf = per_device(grad_scale, found_inf, b.device)
@@ -105,7 +123,7 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
                       hyper if b.telemetry is None else b.telemetry, snr_threshold, b.tickets,
                       b.params[0], b.grads[0], b.exp_avgs[0], b.exp_avg_sqs[0], masters[0],
                       b.steps[0], b.groups[0], b.keys[0])
-        return
+        return hyper, None
     roles = (b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, masters, b.steps)
     # The key names a plan whose params' and states' addresses were verified this step (the
     # signature, Note [what the kernel may trust]); grads move freely and are re-pointed. A
@@ -118,3 +136,4 @@ def triton_step(b: Bucket, key: Hashable, groups: Sequence[dict], cache: TableCa
                         has_master=b.has_master, grad_scale=scale, found_inf=inf,
                         state_sr=b.state_sr, param_sr=b.param_sr, telemetry=b.telemetry,
                         snr_threshold=snr_threshold, tickets=b.tickets)
+    return hyper, table

@@ -209,6 +209,20 @@ def fast_path(instrs: list[Instr], head: int, back: int) -> list[Instr]:
     return path
 
 
+def ticket_after_barrier(instrs: list[Instr]) -> bool:
+    """Note [ticket ordering] in tiedadam/kernels/tied_adamw.py: a ``BAR.SYNC`` lies between
+    the last loop's backward branch and the step-count ticket (the first integer ``ATOMG`` add,
+    the one that returns the ticket), so every thread has read the count before the ticket is
+    taken."""
+    ticket = next((i for i, x in enumerate(instrs) if x.op.startswith("ATOMG")
+                   and ".ADD" in x.op and ".F" not in x.op), None)
+    if ticket is None:
+        return False
+    backs = [back for _, back in loops(instrs) if back < ticket]
+    start = max(backs) + 1 if backs else 0
+    return any(x.op.startswith("BAR.SYNC") for x in instrs[start:ticket])
+
+
 @dataclass
 class LoopReport:
     instructions: int  # fast-path instructions per iteration
@@ -288,6 +302,7 @@ class VariantReport:
     spill_bytes: int
     loop: LoopReport
     widths_as_laid_out: bool  # the loop's accesses are exactly one per role at its width
+    ticket_after_barrier: bool  # Note [ticket ordering]
 
     @property
     def instr_budget(self) -> int:
@@ -308,6 +323,8 @@ class VariantReport:
         if not self.widths_as_laid_out:
             out.append(f"hot-loop accesses {self.loop.loads} / {self.loop.stores} are not one "
                        f"per role at {self.loop.role_bits}")
+        if not self.ticket_after_barrier:
+            out.append("no barrier before the step-count ticket (Note [ticket ordering])")
         return out
 
     def misses(self) -> list[str]:
@@ -341,7 +358,8 @@ def analyse(spec: dict, arch: int = 90, dump_dir: str | None = None) -> VariantR
             f.write(cubin)
     usage, sass = cuobjdump(cubin)
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    loop = hot_loop(parse_sass(sass), spec)
+    instrs = parse_sass(sass)
+    loop = hot_loop(instrs, spec)
     want_loads, want_stores = expected_accesses(spec, loop.elements_per_thread)
     return VariantReport(
         name=name, param=SHORT[spec["param"]], state=SHORT[spec["state"]],
@@ -351,4 +369,5 @@ def analyse(spec: dict, arch: int = 90, dump_dir: str | None = None) -> VariantR
         threads_per_sm=threads_per_sm(regs),
         spill_bytes=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
         loop=loop, widths_as_laid_out=(Counter(loop.loads) == want_loads
-                                       and Counter(loop.stores) == want_stores))
+                                       and Counter(loop.stores) == want_stores),
+        ticket_after_barrier=ticket_after_barrier(instrs))

@@ -1,12 +1,22 @@
 """Randomized cross-check against torch.optim.AdamW(betas=(b, b), foreach=False).
 
 Each case draws a model (0-dim, empty, odd, multi-chunk tensors; fp32, fp64 and bf16; dense,
-transposed, channels_last and non-dense params; grads in other layouts), 1-3 param groups, and a
-script of steps with edits between them (lr, beta/betas, eps, weight_decay), a state_dict
-save -> load into a fresh optimizer, AMP steps with a scale and injected infs, and invalid
-edits. After every action the case either matches the reference within the dtype's tolerance
-or was refused with an exception and nothing changed. Seeded per run; a failure prints the
-case's seed, and ``TIEDADAM_CROSSCHECK_SEED=<seed>`` replays it.
+transposed, channels_last and non-dense params; grads in other layouts, with the negative bit,
+or tensor subclasses without storage), 1-3 param groups, whether it steps as ZeRO-3 does with
+sub-groups (each param alone through its group dict), and a script of steps with edits between
+them (lr, beta/betas, eps, weight_decay, some as 1-element tensors), option edits (seed,
+rounding flags, master_weights, state_dtype), a state_dict save -> load into a fresh
+optimizer, AMP steps with a scale and injected infs, invalid edits, and storages freed or
+shrunk under a param, a state tensor or a grad. After every action the case either matches the
+reference within the dtype's tolerance or was refused with an exception and nothing changed.
+
+The reference is torch.optim.AdamW; after an option edit, also a *resumed twin*: the optimizer
+saved and loaded into a fresh one right after the edit, stepped with the same grads, which must
+match bit for bit (an edit is honoured as a resumed run honours it). Once the edit makes the
+math differ from torch's (bf16 moments, master weights), only the twin is compared.
+Seeded per run; a failure prints the case's seed, and ``TIEDADAM_CROSSCHECK_SEED=<seed>``
+replays it. DTensor placements need a process group: tests/test_fast_path_contract.py and
+tests/placement_ranks.py draw those cases on two ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import torch
 
 from tiedadam import TiedAdamW
 from tiedadam.kernels import tied_adamw as K
+from twins import Wrapped
 
 N_CASES = int(os.environ.get("TIEDADAM_CROSSCHECK_CASES", "240"))
 TRITON_EVERY = 4  # every 4th case runs the Triton kernel (interpreter); the others torch's path
@@ -78,6 +89,13 @@ class Case:
                            weight_decay=rng.choice([0.0, 0.01, 0.1]))
                       for _ in range(n_groups)]
         self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        # ZeRO-3 with sub-groups: every step is one call per param, alone in its group, every
+        # param with a grad (as flat partitions always have one)
+        self.subgroups = rng.random() < 0.15
+        self.twin = None  # (params, optimizer) resumed right after an option edit
+        self.edit_pending = False  # an option edit that no step has taken yet (the twin,
+        # loaded, converted its state at the load; ours converts at its next step)
+        self.torch_valid = True  # False once an option edit makes the math differ from torch's
         self.opt = self._new_opt()
         self.ref = torch.optim.AdamW(
             [{"params": self.theirs[s], "lr": h["lr"], "betas": (h["beta"], h["beta"]),
@@ -102,7 +120,7 @@ class Case:
     def grads(self, scale=1.0, inf=False):
         """Fresh grads in random layouts; ``scale`` multiplies ours (AMP)."""
         for p, q in zip(self.ours, self.theirs):
-            if self.rng.random() < 0.15:
+            if self.rng.random() < 0.15 and not self.subgroups:
                 p.grad = q.grad = None  # this param sits the step out
                 continue
             g = torch.randn(p.shape, generator=self.gen, dtype=torch.float64).to(p.dtype)
@@ -112,33 +130,70 @@ class Case:
             elif kind < 0.15 and p.numel() > 0:
                 g = g.reshape(-1)[:1].reshape(()).expand(p.shape) if p.dim() else g
             q.grad = g.to(q.dtype).clone()
-            p.grad = g if scale == 1.0 else (g * scale).to(p.dtype)
+            ours = g if scale == 1.0 else (g * scale).to(p.dtype)
             if inf and p.numel() > 0:
-                p.grad = p.grad.clone()
-                p.grad[(0,) * p.dim()] = float("inf")
+                ours = ours.clone()
+                ours[(0,) * p.dim()] = float("inf")
+            if 0.15 <= kind < 0.2:
+                ours = torch._neg_view(-ours)  # the memory holds -g
+            elif 0.2 <= kind < 0.23:
+                ours = Wrapped(ours)  # no storage of its own
+            p.grad = ours
+        if self.twin is not None:  # the same values, plain
+            for p, t in zip(self.ours, self.twin[0]):
+                t.grad = None if p.grad is None else torch.empty(
+                    p.shape, dtype=p.dtype).copy_(p.grad)
+
+    def _step_ours(self, opt, params):
+        if not self.subgroups:
+            opt.step()
+            return
+        lists = [g["params"] for g in opt.param_groups]
+        try:
+            for gi, group in enumerate(opt.param_groups):
+                for p in lists[gi]:
+                    for g in opt.param_groups:
+                        g["params"] = []
+                    group["params"] = [p]
+                    opt.step()
+        finally:
+            for g, ps in zip(opt.param_groups, lists):
+                g["params"] = ps
 
     def step(self):
         if self.dtype == torch.bfloat16:  # compare one step from the same bf16 starting point
             for p, q in zip(self.ours, self.theirs):
                 q.data.copy_(p.detach().float())
-        self.opt.step()
+        self._step_ours(self.opt, self.ours)
         self.ref.step()
+        if self.twin is not None:
+            self._step_ours(self.twin[1], self.twin[0])
+        self.edit_pending = False
 
     def amp_step(self, overflow: bool):
+        edit_was_pending = self.edit_pending
         scale = 2.0 ** self.rng.randint(0, 12)
         self.grads(scale, inf=overflow)
         snap = self.snapshot()
-        self.opt.grad_scale = torch.tensor(scale)
-        self.opt.found_inf = torch.tensor(1.0 if overflow else 0.0)
+        opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
+        for o in opts:
+            o.grad_scale = torch.tensor(scale)
+            o.found_inf = torch.tensor(1.0 if overflow else 0.0)
         try:
             if overflow:
-                self.opt.step()
+                self._step_ours(self.opt, self.ours)
+                if self.twin is not None:
+                    self._step_ours(self.twin[1], self.twin[0])
+                self.edit_pending = False
             else:
                 self.step()
         finally:
-            del self.opt.grad_scale, self.opt.found_inf
+            for o in opts:
+                del o.grad_scale, o.found_inf
         if overflow:  # as torch's fused AdamW: state may be created, nothing stepped
-            self.assert_unchanged(snap, new_state_ok=True)
+            # (an option edit is applied to the state by any step that is not refused, this
+            # one too: then the twin comparison checks the state)
+            self.assert_unchanged(snap, new_state_ok=True, params_only=edit_was_pending)
 
     def edit(self):
         gi = self.rng.randrange(len(self.hyper))
@@ -146,20 +201,79 @@ class Case:
         value = {"lr": self.rng.choice([1e-3, 3e-2]), "beta": self.rng.choice([0.8, 0.9]),
                  "eps": self.rng.choice([1e-8, 1e-6]),
                  "weight_decay": self.rng.choice([0.0, 0.05])}["beta" if key == "betas" else key]
-        if key == "betas":
-            self.opt.param_groups[gi]["betas"] = (value, value)
-        else:
-            self.opt.param_groups[gi][key] = value
+        ours = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
+        for o in ours:
+            if key == "betas":
+                o.param_groups[gi]["betas"] = (value, value)
+            elif key in ("lr", "eps", "weight_decay") and self.rng.random() < 0.3:
+                o.param_groups[gi][key] = torch.tensor(value, dtype=torch.float64)  # 1 element
+            else:
+                o.param_groups[gi][key] = value
         ref_key = "betas" if key.startswith("beta") else key
         self.ref.param_groups[gi][ref_key] = (value, value) if ref_key == "betas" else value
+
+    def option_edit(self):
+        """An option edited between steps: honoured as a run resumed from a checkpoint that
+        holds the new value (the twin is that run)."""
+        gi = self.rng.randrange(len(self.hyper))
+        keys = ["seed", "stochastic_rounding", "param_stochastic_rounding", "state_dtype"]
+        if self.dtype == torch.bfloat16:
+            keys.append("master_weights")
+        key = self.rng.choice(keys)
+        group = self.opt.param_groups[gi]
+        value = {"seed": self.rng.randrange(2 ** 31), "state_dtype": self.rng.choice(
+            ["float32", "bfloat16"])}.get(key, not group.get(key))
+        opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
+        for o in opts:
+            o.param_groups[gi][key] = value
+        self.edit_pending = True
+        if self.dtype != torch.float64 and (key == "master_weights" or (
+                key == "state_dtype" and value == "bfloat16")):
+            self.torch_valid = False  # bf16 moments or master weights: not torch's math
+        if self.twin is None:
+            params = [torch.nn.Parameter(_twin(p.detach())) for p in self.ours]
+            self.twin = (params, self._load_into(params, self.opt.state_dict()))
+
+    def _load_into(self, params, state_dict):
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        buf.seek(0)
+        opt = TiedAdamW([{"params": params[s]} for s in self.slices], backend=self.backend)
+        opt.load_state_dict(torch.load(buf))
+        return opt
+
+    def resize_refusal(self):
+        """A storage freed or shrunk under a param, a state tensor or a grad: refused with
+        nothing changed; the storage grown back (as FSDP does), training goes on."""
+        self.grads()
+        stepped = [p for p in self.ours if p.grad is not None and p.numel() > 0]
+        victims = stepped + [v for p in stepped for v in self.opt.state.get(p, {}).values()]
+        victims += [p.grad for p in stepped if type(p.grad) is torch.Tensor
+                    and not p.grad.is_neg() and 0 not in p.grad.stride()]
+        if not victims:
+            return
+        t = self.rng.choice(victims)
+        keep = t.detach().clone()
+        snap = self.snapshot()
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        storage.resize_(0 if self.rng.random() < 0.5 else nbytes // 2)
+        with pytest.raises(RuntimeError, match="storage"):
+            self.opt.step()  # one call: ZeRO-3's per-sub-group calls are separate steps
+        storage.resize_(nbytes)
+        t.detach().copy_(keep)
+        self.assert_unchanged(snap)
 
     def bad_edit(self):
         gi = self.rng.randrange(len(self.hyper))
         group = self.opt.param_groups[gi]
         key, value = self.rng.choice([("eps", float("nan")), ("weight_decay", -1.0),
                                       ("lr", -0.1), ("betas", (0.9, 0.999)), ("beta", 1.5),
-                                      ("maximize", True), ("amsgrad", True)])
-        old = {k: group[k] for k in ("eps", "weight_decay", "lr", "beta", "betas", "maximize")}
+                                      ("maximize", True), ("amsgrad", True),
+                                      ("state_dtype", "float16"), ("seed", "x"),
+                                      ("eps", torch.tensor([1e-8, 1e-8]))])
+        old = {k: group[k] for k in ("eps", "weight_decay", "lr", "beta", "betas", "maximize",
+                                     "state_dtype", "seed")}
         group[key] = value
         self.grads()
         snap = self.snapshot()
@@ -184,10 +298,12 @@ class Case:
         return ([p.detach().clone() for p in self.ours],
                 {id(p): {k: v.clone() for k, v in st.items()} for p, st in self.opt.state.items()})
 
-    def assert_unchanged(self, snap, new_state_ok=False):
+    def assert_unchanged(self, snap, new_state_ok=False, params_only=False):
         ps, states = snap
         for p, p0 in zip(self.ours, ps):
             assert torch.equal(p, p0), "a refused or skipped step changed a param"
+        if params_only:
+            return
         for p, st in self.opt.state.items():
             if id(p) not in states:
                 assert new_state_ok, "a refused step created state"
@@ -197,6 +313,16 @@ class Case:
                 assert torch.equal(v, states[id(p)][k]), f"state {k} changed"
 
     def assert_matches(self):
+        if self.twin is not None and not self.edit_pending:  # bit for bit: as a resumed run
+            for i, (p, t) in enumerate(zip(self.ours, self.twin[0])):
+                assert torch.equal(p, t), f"param {i} differs from the resumed twin"
+                st, tst = self.opt.state.get(p, {}), self.twin[1].state.get(t, {})
+                assert st.keys() == tst.keys(), f"param {i}: state keys differ from the twin's"
+                for k in st:
+                    assert st[k].dtype == tst[k].dtype and torch.equal(st[k], tst[k]), \
+                        f"param {i} {k} differs from the resumed twin"
+        if not self.torch_valid:
+            return
         tol = TOL[self.dtype]
         for i, (p, q) in enumerate(zip(self.ours, self.theirs)):
             torch.testing.assert_close(p.detach().double(), q.detach().to(p.dtype).double(),
@@ -211,17 +337,21 @@ class Case:
 
 def run_case(seed: int) -> None:
     c = Case(seed)
-    for _ in range(c.rng.randint(2, 5)):
+    for _ in range(c.rng.randint(2, 6)):
         r = c.rng.random()
-        if r < 0.45:
+        if r < 0.4:
             c.grads()
             c.step()
-        elif r < 0.6:
+        elif r < 0.5:
             c.edit()
-        elif r < 0.7:
+        elif r < 0.6:
+            c.option_edit()
+        elif r < 0.68:
             c.amp_step(overflow=c.rng.random() < 0.5)
-        elif r < 0.8 and c.dtype != torch.bfloat16:
+        elif r < 0.76 and c.dtype != torch.bfloat16:
             c.reload()
+        elif r < 0.86:
+            c.resize_refusal()
         else:
             c.bad_edit()
         c.assert_matches()

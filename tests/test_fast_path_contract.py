@@ -12,12 +12,11 @@ import weakref
 
 import pytest
 import torch
-from torch.utils._pytree import tree_map
 
 from tiedadam import TiedAdamW
 from tiedadam.optim import guard
 from reference import assert_close
-from twins import assert_unchanged, pair, snapshot, step_both, torch_ref
+from twins import Wrapped, assert_unchanged, pair, snapshot, step_both, torch_ref
 
 BACKENDS = ["triton", "torch"]
 
@@ -164,24 +163,6 @@ def test_sub_group_partitions_draw_their_own_noise_and_resume_bitwise(backend):
 
 
 # 3. Grads that are tensor subclasses without storage ------------------------------------------
-class Wrapped(torch.Tensor):
-    """A wrapper subclass (no storage of its own: data_ptr() is 0) that unwraps in every op."""
-
-    @staticmethod
-    def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
-                                                   dtype=inner.dtype, device=inner.device)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def unwrap(x):
-            return x.inner if isinstance(x, Wrapped) else x
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shapes", [[(33,)], [(33,), (4, 5)]], ids=["flat", "table"])
 def test_grad_without_storage_steps_as_torch(backend, shapes, guard_path):

@@ -136,6 +136,44 @@ def test_cuda_graph_capture_replays_with_changing_lr():
     assert float(opt.state[ps[0]]["step"]) == 4.0
 
 
+def test_graph_replays_correctly_after_the_plan_is_rebuilt():
+    """Note [graph buffers]: the step-count tickets, address tables and hyperparameter table a
+    captured graph uses stay allocated when a later step rebuilds the plan (here: a param group
+    added), however the freed memory is reused."""
+    ps = params(torch.float32, (1000, 70000))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = TiedAdamW(ps, lr=torch.tensor(1e-2, device=DEV), beta=0.9, capturable=True,
+                    backend="triton")
+    ropt = TiedAdamW(ref, lr=1e-2, beta=0.9, backend="triton")
+    for p, r in zip(ps, ref):
+        p.grad = torch.randn_like(p)
+        r.grad = p.grad.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    ropt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    extra = torch.nn.Parameter(torch.randn(10, device=DEV))
+    opt.add_param_group({"params": [extra], "lr": torch.tensor(1e-2, device=DEV)})
+    extra.grad = torch.randn_like(extra)
+    opt.step()  # a new plan, new tables and tickets for all three
+    ropt.step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    junk = [torch.full((1 << 16,), -7, dtype=torch.int32, device=DEV) for _ in range(64)]
+    graph.replay()
+    ropt.step()
+    torch.cuda.synchronize()
+    del junk
+    for p, r in zip(ps, ref):
+        assert_close(p, r)
+        assert float(opt.state[p]["step"]) == 3.0
+
+
 def test_offsets_beyond_2_31_on_real_memory():
     n = (1 << 31) + 4099
     free, _ = torch.cuda.mem_get_info()

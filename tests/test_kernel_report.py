@@ -1,7 +1,8 @@
 """Compile every kernel variant for sm_90 (no GPU needed) and check the structure of its hot
 loop (perf/sass.py, Note [hot loop]): <= 64 registers (>= 1024 threads per SM at 4 warps), no
-spills, no shared-memory instructions in the loop, and exactly one global access per role at
-the width its layout gives (fp32 roles 128-bit, bf16/fp16 roles 64-bit, fp64 128-bit).
+spills, no shared-memory instructions in the loop, exactly one global access per role at
+the width its layout gives (fp32 roles 128-bit, bf16/fp16 roles 64-bit, fp64 128-bit), and a
+barrier before the step-count ticket (Note [ticket ordering] in the kernel).
 Structure, not timings: the instruction counts are reported, not asserted.
 
 The compile runs in a child process: under TRITON_INTERPRET=1 (set for the other tests)
@@ -33,6 +34,7 @@ def test_every_variant_meets_the_structural_targets(report):
         assert v["spill_bytes"] == 0, v["name"]
         assert v["loop"]["shared"] == {}, (v["name"], v["loop"]["shared"])
         assert v["widths_as_laid_out"], (v["name"], v["loop"])
+        assert v["ticket_after_barrier"], v["name"]  # Note [ticket ordering]
         assert v["structural_misses"] == [], v["name"]
 
 

@@ -4,6 +4,7 @@ refused step changed nothing (docs/design.md §3)."""
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_map
 
 
 def pair(*shapes, dtype=torch.float32, make=None):
@@ -48,3 +49,22 @@ def assert_unchanged(opt, params, snap):
         for k in s0:
             assert s[k].dtype == s0[k].dtype and torch.equal(s[k], s0[k]), \
                 f"a refused step changed the state ({k})"
+
+
+class Wrapped(torch.Tensor):
+    """A wrapper tensor subclass (no storage of its own: ``data_ptr()`` is 0) that unwraps in
+    every op, as torch's own AdamW steps it."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
+                                                   dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(x):
+            return x.inner if isinstance(x, Wrapped) else x
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))

@@ -75,7 +75,7 @@ reach the walk needs.
 from __future__ import annotations
 
 from itertools import chain, repeat
-from operator import attrgetter, is_, itemgetter, le
+from operator import add, attrgetter, is_, itemgetter, le, mul
 
 import torch
 from torch import Tensor
@@ -336,7 +336,7 @@ class Guard:
                     if grads[j] is None:
                         return None  # outside its storage: the full check names it
                     special[j] = (None, out)
-        need = [o * k + r for o, k, r in zip(map(_OFFSET, grads), self.itemsizes, self.reach)]
+        need = map(add, map(mul, map(_OFFSET, grads), self.itemsizes), self.reach)
         try:
             if not all(map(le, need, map(_NBYTES, map(_STORAGE, grads)))):
                 return None  # a grad outside its storage: the full check names it

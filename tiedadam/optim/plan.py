@@ -44,10 +44,11 @@ the same. So before any launch, every step, for every parameter with a grad:
    new plan and table. Grads are fresh every step: their layout is checked each step and
    their addresses re-pointed in the table (Note [table cache] in kernels/multi_tensor.py).
 6. **Option edits.** A group whose options (``state_dtype``, ``master_weights``, ``seed``, the
-   rounding flags) changed since its state was made has its plans dropped; its state is
-   converted as ``load_state_dict`` would convert a checkpoint holding the new values
-   (moments cast to the new state dtype, master weights made from the param or dropped), so
-   an uninterrupted run and one resumed from a checkpoint step alike.
+   rounding flags) changed has its plans dropped; the state of each param is converted, at
+   the param's next step, as ``load_state_dict`` converts a checkpoint holding the new values
+   (``apply_options``: moments cast to the new state dtype, master weights made from the
+   param or dropped), so an uninterrupted run and one resumed from a checkpoint step alike.
+   Per param, not per group: ZeRO-3 steps one sub-group partition per call.
 
 Only after all of that holds for every parameter of the step is anything written: state that
 must be created or converted is staged and committed once everything checked out, and only
@@ -300,13 +301,25 @@ def check_param(gi: int, i: int, p: Tensor, local: Tensor) -> None:
     _check_memory(_name(gi, i, p), local, fix)
 
 
+def check_readable(gi: int, i: int, p: Tensor, st: dict | None) -> None:
+    """The param and its state tensors lie inside their storages: what creating or converting
+    state reads (``init``, ``apply_options``) before ``entry`` verifies the rest. torch's ops
+    do not compare a tensor with its storage's size either."""
+    check_param(gi, i, p, local_tensor(p))
+    for k, v in (st or {}).items():
+        if isinstance(v, Tensor):
+            t = local_tensor(v)
+            storage = storage_of(t)
+            if storage is not None and not fits_storage(t, storage):
+                _check_memory(f"optimizer.state[p][{k!r}] of {_name(gi, i, p)}", t, _RESET)
+
+
 def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry:
     """Verify one parameter's roles (Note [what the kernel may trust]) and return its Entry.
     Raises before anything is changed. ``st`` must already hold the state (see ``init``):
-    the committed dict, or the one staged for this step."""
+    the committed dict, or the one staged for this step. ``check_readable`` has passed."""
     check_grad(gi, i, p, g)
     local = local_tensor(p)
-    check_param(gi, i, p, local)
     g_local = local_tensor(g)
     if g_local.shape != local.shape:
         raise RuntimeError(f"grad of {_name(gi, i, p)} has a local shard of shape "
@@ -385,12 +398,12 @@ def init_master(p: Tensor, st: dict, group: dict) -> None:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
 
-def apply_options(p: Tensor, st: dict, group: dict, before: dict | None) -> dict:
+def apply_options(p: Tensor, st: dict, group: dict) -> dict:
     """``st`` as ``load_state_dict`` would make it under ``group``'s options (Note [what the
     kernel may trust], 6): a new dict when something changes, else ``st``; nothing is written
     to ``st``. Moments in the other state dtype (fp32 or bf16; fp64 params keep fp64) are cast
-    to the group's; master weights are dropped when ``before``, the options the state was made
-    under, wanted them and the group no longer does (the param holds the rounded master)."""
+    to the group's; the master weights of a bf16/fp16 param whose group wants none are dropped
+    (the param holds the rounded master); a missing master is made from the param."""
     local = local_tensor(p)
     out = st
     if local.dtype != torch.float64:
@@ -401,8 +414,11 @@ def apply_options(p: Tensor, st: dict, group: dict, before: dict | None) -> dict
                     and v.dtype in _STATE_DTYPES.values()):
                 out = dict(out) if out is st else out
                 out[k] = cast_state(p, v, new)
-    if before is not None and MASTER_KEY in out and wants_master(local.dtype, before) \
-            and not wants_master(local.dtype, group):
+    if local.dtype in LOW_PRECISION and MASTER_KEY in out and not wants_master(local.dtype,
+                                                                                group):
         out = dict(out) if out is st else out
         del out[MASTER_KEY]
+    if wants_master(local.dtype, group) and MASTER_KEY not in out and "exp_avg" in out:
+        out = dict(out) if out is st else out
+        init_master(p, out, group)
     return out

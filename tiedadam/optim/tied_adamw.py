@@ -174,11 +174,8 @@ class TiedAdamW(Optimizer):
         self._ordinals: dict[int, tuple[int, dict]] = {}  # id(group) -> (ordinal, group)
         self._slots: dict[tuple, list] = {}  # (ordinal, position) -> weakrefs, first seen first
         self._group_memo: dict[int, tuple | None] = {}  # id(group) -> what was validated
-        # id(group) -> (group, its options as its state was made): loaded state is cast to
-        # the loaded groups' options, so a load starts afresh (Note [what the kernel may
-        # trust], 6, in plan.py)
-        self._applied: dict[int, tuple[dict, dict]] = {}
-        self._edited: dict[int, tuple[dict, dict]] = {}  # groups whose options changed since
+        self._options_seen: dict[int, tuple[dict, tuple]] = {}  # id(group) -> its options
+        self._edited: dict[int, dict] = {}  # groups whose options changed, until a plan is built
 
     def _ordinal(self, group: dict) -> int:
         """The group's number in the order this optimizer first saw its groups (Note [rng
@@ -215,12 +212,27 @@ class TiedAdamW(Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._sync_beta(group, f"param_groups[{gi}]: ")
 
+    def _apply_option_edits(self) -> None:
+        """An option edit not yet taken by a step is applied to the state now (Note [what the
+        kernel may trust], 6, in plan.py), so that what is saved is what the next step would
+        use: a run resumed from it continues as the uninterrupted one."""
+        for gi, group in enumerate(self.param_groups):
+            seen = self._options_seen.get(id(group))
+            if seen is None or seen[0] is not group or \
+                    seen[1] != tuple(map(group.get, H.STATE_OPTIONS)):
+                H.check_group(group, f"param_groups[{gi}]: ")
+                self._note_options(group)
+        if self._edited:
+            self._entries([])
+
     def state_dict(self) -> dict:
         self._sync_betas()
+        self._apply_option_edits()
         return super().state_dict()
 
     def __getstate__(self) -> dict:
         self._sync_betas()
+        self._apply_option_edits()
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._INSTANCE_OPTIONS if k in self.__dict__})
         return state
@@ -304,6 +316,7 @@ class TiedAdamW(Optimizer):
         group["params"] = params
         super().add_param_group(H.TiedGroup(group))
         self._beta_seen[id(self.param_groups[-1])] = self.param_groups[-1]["beta"]
+        self._note_options(self.param_groups[-1])
         self._invalidate()
 
     def __setstate__(self, state: dict) -> None:
@@ -330,6 +343,8 @@ class TiedAdamW(Optimizer):
             H.check_group(group, where)
         self._reset_caches()
         self._beta_seen = {id(g): g["beta"] for g in self.param_groups}
+        for g in self.param_groups:  # the options the loaded (or copied) state was made under
+            self._note_options(g)
 
     def _invalidate(self) -> None:
         """Forget cached plans and tables (param set or state tensors changed)."""
@@ -501,19 +516,15 @@ class TiedAdamW(Optimizer):
             memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
 
     def _note_options(self, group: dict) -> None:
-        """Record a group's options when first seen; after an edit, drop the plans (they hold
-        rounding keys and buckets made for the old values) and remember what the state was
-        made under, for ``_entries`` to convert it (Note [what the kernel may trust], 6)."""
-        opts = {k: group[k] for k in H.STATE_OPTIONS}
-        applied = self._applied.get(id(group))
-        if applied is None or applied[0] is not group:
-            self._applied[id(group)] = (group, opts)
-        elif applied[1] != opts:
-            if id(group) not in self._edited:
-                self._invalidate()
-            self._edited[id(group)] = (group, applied[1])
-        else:
-            self._edited.pop(id(group), None)  # edited back before any step took it
+        """After an edit of a group's options, drop the plans: they hold the buckets and
+        rounding keys made for the old values (the state follows at each param's next step,
+        Note [what the kernel may trust], 6, in plan.py)."""
+        opts = tuple(map(group.get, H.STATE_OPTIONS))
+        seen = self._options_seen.get(id(group))
+        if seen is not None and seen[0] is group and seen[1] != opts:
+            self._invalidate()
+            self._edited[id(group)] = group
+        self._options_seen[id(group)] = (group, opts)
 
     def _pending(self) -> list:
         """(group, position, param, grad) of every parameter with a grad, after checking each
@@ -531,47 +542,47 @@ class TiedAdamW(Optimizer):
 
     def _entries(self, pending: list) -> list:
         """Every pending parameter verified in full (Note [what the kernel may trust] in
-        plan.py). Raises before anything changes: state to create (params without state, master
-        weights) or to convert (option edits, Note [what the kernel may trust], 6) is staged,
-        verified with the rest and committed only once every parameter checked out."""
+        plan.py). Raises before anything changes: state to create (params without state) or
+        to convert (option edits, a checkpoint without master weights: ``P.apply_options``) is
+        staged, verified with the rest and committed once every parameter checked out. After
+        an option edit, every param of the group with state is converted (as a load would),
+        those without a grad too; ZeRO-3 sub-groups, which are not in the group at this call,
+        convert at their own next step."""
         groups = self.param_groups
         state = self.state
-        staged = {}  # id(param) -> (param, the state dict the step uses, in place of its own)
-        edited = [(g, self._edited[id(g)][1]) for g in groups if id(g) in self._edited]
-        for group, before in edited:  # the whole group is converted, as a load converts it
-            for p in group["params"]:
-                st = state.get(p)
-                if st:
-                    new = P.apply_options(p, st, group, before)
-                    if new is not st:
-                        staged[id(p)] = (p, new)
+        staged = {}  # id(param) -> (param, the state dict the step uses in place of its own)
+        for gi, group in enumerate(groups):
+            if self._edited.get(id(group)) is group:
+                for i, p in enumerate(group["params"]):
+                    st = state.get(p)
+                    if st:
+                        P.check_readable(gi, i, p, st)
+                        new = P.apply_options(p, st, group)
+                        if new is not st:
+                            staged[id(p)] = (p, new)
         entries = []
         for gi, i, p, g in pending:
             group = groups[gi]
             st = staged[id(p)][1] if id(p) in staged else state.get(p)
+            P.check_readable(gi, i, p, st)
             if not st:
-                st = {}
-                P.init(p, st, group)
-            else:  # moments of the other state dtype (a replaced tensor, a deepcopy taken
-                st = P.apply_options(p, st, group, None)  # before an edit stepped); a master
-                if P.wants_master(local_tensor(p).dtype, group) and MASTER_KEY not in st:
-                    st = dict(st)  # from the param, as a loaded checkpoint without one gets
-                    P.init_master(p, st, group)
-            if st is not state.get(p):
-                staged[id(p)] = (p, st)
-            entries.append(P.entry(gi, i, p, g, st, group))
+                new = {}
+                P.init(p, new, group)
+            else:
+                new = P.apply_options(p, st, group)
+            if new is not st:
+                staged[id(p)] = (p, new)
+            entries.append(P.entry(gi, i, p, g, new, group))
             self._backend_for(entries[-1].param.device)  # refuses where Triton cannot run
         # Everything checked out: commit (a state dict that exists keeps its identity).
-        for p, st in staged.values():
+        for p, new in staged.values():
             current = state.get(p)
             if current is None:
-                state[p] = st
-            elif current is not st:
+                state[p] = new
+            elif current is not new:
                 current.clear()
-                current.update(st)
-        for group, _ in edited:
-            self._applied[id(group)] = (group, {k: group[k] for k in H.STATE_OPTIONS})
-            del self._edited[id(group)]
+                current.update(new)
+        self._edited.clear()
         return entries
 
     def _plan(self, entries: list) -> list:
@@ -647,6 +658,8 @@ class TiedAdamW(Optimizer):
         else:  # params without a grad are skipped, as torch does
             sel = tuple(compress(range(len(params)), map(is_not, grads, repeat(None))))
             if not sel:
+                if self._edited:  # no grads, but an option edit to apply to the state
+                    self._entries([])
                 return
             params = [params[j] for j in sel]
             grads = [grads[j] for j in sel]

@@ -257,13 +257,15 @@ def test_param_or_state_with_the_negative_bit_is_refused(backend, role, guard_pa
 # 6. Tensor hyperparameters ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("key", ["eps", "weight_decay", "lr"])
-def test_one_element_tensor_hyperparameters_step_as_torch(backend, key):
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-dim"])
+def test_one_element_tensor_hyperparameters_step_as_torch(backend, key, shape):
+    """Validation accepts a 1-element tensor for lr, eps and weight decay; the step takes it
+    (torch's fused op wants floats for eps and weight decay, and shape-(1,) tensors for none)."""
     values = dict(lr=0.05, eps=1e-3, weight_decay=0.1)
     ours, theirs = pair(33, (4, 5))
-    kw = dict(values, **{key: torch.tensor(values[key])})
+    kw = dict(values, **{key: torch.full(shape, values[key], dtype=torch.float64)})
     opt = TiedAdamW(ours, beta=0.9, backend=backend, **kw)
-    ref = torch.optim.AdamW(theirs, betas=(0.9, 0.9), foreach=False,
-                            **dict(values, **{key: torch.tensor(values[key])}))
+    ref = torch.optim.AdamW(theirs, betas=(0.9, 0.9), foreach=False, **values)
     step_both(opt, ref, ours, theirs, 3)
     for p, q in zip(ours, theirs):
         assert_close(p, q)

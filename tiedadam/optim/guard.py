@@ -80,7 +80,7 @@ from operator import add, attrgetter, is_, itemgetter, le, mul
 import torch
 from torch import Tensor
 
-from .plan import MASTER_KEY, layout_grad, reach_bytes
+from .plan import MASTER_KEY, layout_grad, walk_reach
 from .shards import local_tensor
 
 _SHAPE = attrgetter("shape")
@@ -186,10 +186,8 @@ class Guard:
         self.shapes, self.dtypes, self.devices = shapes[:n], dtypes[:n], devices[:n]  # grads'
         self.walk = [e.exp_avg.stride() for e in entries]  # every role's walk strides
         # what a grad walked in place needs of its storage, from its offset on (bytes)
-        self.reach = [reach_bytes(torch.empty_strided(p.shape, w, dtype=p.dtype,
-                                                      device="meta"))
-                      for p, w in zip(params, self.walk)]
         self.itemsizes = [p.element_size() for p in params]
+        self.reach = list(map(walk_reach, map(_SHAPE, params), self.walk, self.itemsizes))
         self.copied = [j for j, e in enumerate(entries) if e.writeback is not None]
         # DTensor params: the mesh and placements each grad must have (None: a plain param)
         self.meshes = [getattr(s, "device_mesh", None) for s in sources] if sharded else None

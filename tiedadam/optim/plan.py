@@ -116,13 +116,18 @@ def storage_of(t: Tensor):
     return storage
 
 
+def walk_reach(shape, strides, itemsize: int, offset: int = 0) -> int:
+    """Bytes from the start of a storage through the last element of a walk over ``shape``
+    with ``strides`` from element ``offset`` (0 when there is no element)."""
+    if 0 in shape:
+        return 0
+    return (offset + sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * itemsize
+
+
 def reach_bytes(t: Tensor) -> int:
     """Bytes from the start of ``t``'s storage through the last element its walk touches (0
     for an empty tensor): what the storage must hold (Note [what the kernel may trust], 4)."""
-    if t.numel() == 0:
-        return 0
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size()
+    return walk_reach(t.shape, t.stride(), t.element_size(), t.storage_offset())
 
 
 def fits_storage(t: Tensor, storage) -> bool:

@@ -37,3 +37,15 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.fixture(params=["fast", "full"])
+def guard_path(request, monkeypatch):
+    """A cached-plan case run on the guard's fast check and on its full comparison (Notes
+    [guard], [guard fast path] in tiedadam/optim/guard.py)."""
+    from tiedadam.optim import guard
+    if request.param == "full":
+        monkeypatch.setattr(guard, "USE_FAST_GUARD", False)
+    elif not guard.USE_FAST_GUARD:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
+    return request.param

@@ -16,33 +16,15 @@ import torch
 from tiedadam import TiedAdamW
 from tiedadam.optim import guard
 from reference import assert_close
-from twins import Wrapped, assert_unchanged, pair, snapshot, step_both, torch_ref
+from twins import Wrapped, assert_unchanged, pair, snapshot, step_both, torch_ref, trained
 
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(params=["fast", "full"])
-def guard_path(request, monkeypatch):
-    """Each cached-plan case runs on the guard's fast check and on its full comparison."""
-    if request.param == "full":
-        monkeypatch.setattr(guard, "USE_FAST_GUARD", False)
-    elif not guard.USE_FAST_GUARD:
-        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
-    return request.param
-
-
 def _two_buckets(backend, steps=2):
-    """An fp32 and an fp64 param (two launches), trained ``steps`` steps: the plan is cached
-    and, after the second step, its fast check armed."""
+    """An fp32 and an fp64 param (two launches), trained ``steps`` steps."""
     ps = [torch.nn.Parameter(torch.randn(70)), torch.nn.Parameter(torch.randn(9, 3).double())]
-    opt = TiedAdamW(ps, lr=0.1, beta=0.9, backend=backend)
-    for _ in range(steps):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    for p in ps:
-        p.grad = torch.randn_like(p)
-    return ps, opt
+    return trained(ps, steps, backend=backend)
 
 
 def _save_load(opt):
@@ -162,35 +144,49 @@ def test_sub_group_partitions_draw_their_own_noise_and_resume_bitwise(backend):
         assert torch.equal(opt.state[a]["exp_avg_sq"], opt2.state[b]["exp_avg_sq"])
 
 
-# 3. Grads that are tensor subclasses without storage ------------------------------------------
+# 3 and 5. Grads the kernel cannot walk in place: no storage of their own, the negative bit ------
+ODD_GRADS = {
+    "no-storage": lambda g: Wrapped(g.clone()),  # a wrapper subclass: data_ptr() is 0
+    "negative-bit": lambda g: torch._neg_view(-g),  # what x.conj().imag is: memory holds -g
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ODD_GRADS)
 @pytest.mark.parametrize("shapes", [[(33,)], [(33,), (4, 5)]], ids=["flat", "table"])
-def test_grad_without_storage_steps_as_torch(backend, shapes, guard_path):
+def test_odd_grad_steps_as_torch(backend, kind, shapes, guard_path):
+    """Read through a copy, as torch's AdamW reads them. The first two steps arm the cached
+    plan with plain grads; the odd grads after them must be seen by the guard."""
     ours, theirs = pair(*shapes)
     opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
-    for _ in range(3):
+    for step in range(4):
         for p, q in zip(ours, theirs):
             g = torch.randn_like(p)
-            p.grad, q.grad = Wrapped(g.clone()), g
-        assert ours[0].grad.data_ptr() == 0
+            q.grad = g
+            p.grad = ODD_GRADS[kind](g) if step >= 2 else g.clone()
         opt.step()
         ref.step()
+    assert ours[0].grad.data_ptr() == 0 if kind == "no-storage" else ours[0].grad.is_neg()
     for p, q in zip(ours, theirs):
         assert_close(p, q)
+        assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
         assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_without_storage_in_an_amp_step_is_replaced_by_the_unscaled_grad(backend):
+@pytest.mark.parametrize("kind", ODD_GRADS)
+def test_odd_grad_in_an_amp_step_is_replaced_by_the_unscaled_grad(backend, kind):
+    """The unscaled grad (Note [amp] in the kernel) cannot be written into such a grad: p.grad
+    becomes the unscaled copy."""
     ps = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(3, 3))]
     opt = TiedAdamW(ps, lr=0.1, backend=backend)
     grads = [torch.randn_like(p) for p in ps]
     for p, g in zip(ps, grads):
-        p.grad = Wrapped(g * 8)
+        p.grad = ODD_GRADS[kind](g * 8)
     opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
     opt.step()
     for p, g in zip(ps, grads):
-        assert type(p.grad) is torch.Tensor and torch.equal(p.grad, g)
+        assert type(p.grad) is torch.Tensor and not p.grad.is_neg() and torch.equal(p.grad, g)
 
 
 # 4. DTensor grads with other placements than their param ----------------------------------------
@@ -208,40 +204,7 @@ def test_dtensor_grad_with_other_placements_is_refused_on_every_rank(backend, fa
             torch.testing.assert_close(r["ours"], r["theirs"], rtol=1e-5, atol=1e-6)
 
 
-# 5. Grads with the negative bit ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shapes", [[(33,)], [(33,), (4, 5)]], ids=["flat", "table"])
-def test_grad_with_the_negative_bit_steps_as_torch(backend, shapes, guard_path):
-    """``torch._neg_view`` (what ``x.conj().imag`` gives for a complex x): the memory holds -g.
-    The first steps arm the plan with plain grads; then the negative-bit grads must be seen."""
-    ours, theirs = pair(*shapes)
-    opt, ref = TiedAdamW(ours, lr=0.1, beta=0.9, backend=backend), torch_ref(theirs)
-    for step in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            q.grad = g
-            p.grad = torch._neg_view(-g) if step >= 2 else g.clone()
-        opt.step()
-        ref.step()
-    assert ours[0].grad.is_neg()
-    for p, q in zip(ours, theirs):
-        assert_close(p, q)
-        assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_amp_unscaled_grad_written_back_into_a_negative_bit_grad_replaces_it(backend):
-    ps = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(3, 3))]
-    opt = TiedAdamW(ps, lr=0.1, backend=backend)
-    grads = [torch.randn_like(p) for p in ps]
-    for p, g in zip(ps, grads):
-        p.grad = torch._neg_view(-g * 4)
-    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
-    opt.step()
-    for p, g in zip(ps, grads):
-        assert torch.equal(p.grad, g)
-
-
+# 5. Params and state with the negative bit ---------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("role", ["param", "exp_avg"])
 def test_param_or_state_with_the_negative_bit_is_refused(backend, role, guard_path):

@@ -106,6 +106,20 @@ def test_amp_skip_changes_nothing_and_never_syncs():
         assert all(torch.equal(opt.state[p][k], s0[k]) for k in s0)
 
 
+def _warm_up_and_capture(opt):
+    """One step on a side stream (tables, compilation), as torch's graph docs ask, then a step
+    captured into a CUDA graph (not run)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph
+
+
 def test_cuda_graph_capture_replays_with_changing_lr():
     ps = params(torch.float32, (1000, 70000))
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
@@ -115,16 +129,8 @@ def test_cuda_graph_capture_replays_with_changing_lr():
     grads = [torch.randn_like(p) for p in ps]
     for p, r, g in zip(ps, ref, grads):
         p.grad, r.grad = g, g.clone()
-    # warm up on a side stream (tables, compilation), as torch's graph docs ask
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(s)
+    graph = _warm_up_and_capture(opt)
     ropt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     for i, new_lr in enumerate([5e-3, 2e-3, 1e-3]):
         lr.fill_(new_lr)
         graph.replay()
@@ -148,15 +154,8 @@ def test_graph_replays_correctly_after_the_plan_is_rebuilt():
     for p, r in zip(ps, ref):
         p.grad = torch.randn_like(p)
         r.grad = p.grad.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(s)
+    graph = _warm_up_and_capture(opt)
     ropt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     extra = torch.nn.Parameter(torch.randn(10, device=DEV))
     opt.add_param_group({"params": [extra], "lr": torch.tensor(1e-2, device=DEV)})
     extra.grad = torch.randn_like(extra)

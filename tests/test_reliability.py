@@ -16,7 +16,7 @@ from tiedadam import TiedAdamW
 from tiedadam.optim import guard
 from tiedadam.optim.telemetry import to_floats
 from reference import assert_close
-from twins import assert_unchanged, pair, snapshot, step_both, torch_ref
+from twins import assert_unchanged, pair, snapshot, step_both, torch_ref, trained
 
 BACKENDS = ["triton", "torch"]
 
@@ -444,16 +444,8 @@ def test_tensor_repointed_in_place_is_followed(backend, role, guard_path):
 # Each case keeps the identity of every object the plan holds but changes something the kernel
 # relies on; the step after it must see the change (follow it, or refuse before anything moves).
 # Each runs on both checks: the per-parameter comparison ("full") and the fast check armed
-# after a step that passed it ("fast", Note [guard fast path]).
-
-@pytest.fixture(params=["fast", "full"])
-def guard_path(request, monkeypatch):
-    if request.param == "full":
-        monkeypatch.setattr(guard, "USE_FAST_GUARD", False)
-    elif not guard.USE_FAST_GUARD:
-        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
-    return request.param
-
+# after a step that passed it ("fast", Note [guard fast path]): the guard_path fixture
+# (conftest.py).
 
 def test_fast_guard_is_armed_and_used_in_the_steady_state(monkeypatch):
     """After a step that passed the full comparison, later steps take the fast check alone
@@ -490,16 +482,10 @@ def test_fast_guard_stays_off_where_dict_versions_do_not_change(monkeypatch):
         t.data_ptr() for plan in opt._plans.values() for (_, b) in plan.buckets
         for t in b.exp_avgs]
 
+
 def _trained(backend, steps=2, **kw):
     ps = [torch.nn.Parameter(torch.randn(9, 3)), torch.nn.Parameter(torch.randn(70))]
-    opt = TiedAdamW(ps, lr=0.1, beta=0.9, backend=backend, **kw)
-    for _ in range(steps):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    for p in ps:
-        p.grad = torch.randn_like(p)
-    return ps, opt
+    return trained(ps, steps, backend=backend, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

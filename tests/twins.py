@@ -32,6 +32,20 @@ def step_both(opt, ref, ours, theirs, steps=1, before=None):
         ref.step()
 
 
+def trained(ps, steps=2, **kw):
+    """``TiedAdamW(ps, lr=0.1, beta=0.9, **kw)`` after ``steps`` steps (the plan cached and,
+    after the second, its fast check armed), with fresh grads set for the next one."""
+    from tiedadam import TiedAdamW
+    opt = TiedAdamW(ps, lr=0.1, beta=0.9, **kw)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return ps, opt
+
+
 def snapshot(opt, params):
     """Bitwise copies of ``params`` and of their state (step counts included)."""
     return ([p.detach().clone() for p in params],

@@ -204,6 +204,22 @@ def test_dtensor_grad_with_other_placements_is_refused_on_every_rank(backend, fa
             torch.testing.assert_close(r["ours"], r["theirs"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_randomized_dtensor_placements_match_torch_or_are_refused(backend):
+    """The cross-check's DTensor part (tests/test_crosscheck.py), on two ranks."""
+    import os
+    import placement_ranks
+    from distributed import run_ranks
+    seed = int.from_bytes(os.urandom(4), "little")
+    outs = run_ranks(placement_ranks.random_cases, seed, 12, backend)
+    for rank_out in outs:
+        assert len(rank_out) == 12
+        for r in rank_out:
+            assert r["max_diff"] <= 1e-5, (seed, r)
+    assert sum(r["refused"] for r in outs[0]) > 0 and sum(r["stepped"] for r in outs[0]) > 0, seed
+
+
 # 5. Params and state with the negative bit ---------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("role", ["param", "exp_avg"])

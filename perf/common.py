@@ -29,7 +29,24 @@ def versions() -> dict:
             out[mod] = __import__(mod).__version__
         except Exception as e:  # not installed, or broken: say which
             out[mod] = f"unavailable ({type(e).__name__})"
+    out.update(commit())
     return out
+
+
+def commit() -> dict:
+    """The checkout's commit and whether tiedadam/ differs from it (README tables name the
+    commit a result measured); {} outside a git checkout (a copy made without .git)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tiedadam"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"commit": head.stdout.strip(), "tiedadam_modified": bool(dirty.stdout.strip())}
 
 
 def cpu_name() -> str:
@@ -84,17 +101,23 @@ def write_json(out_dir: str, name: str, payload: dict) -> str:
     return path
 
 
-def median_time(fn: Callable[[], Any], *, warmup: int, iters: int, device: str) -> dict:
-    """Median/min/max seconds of ``fn`` over ``iters`` timed calls after ``warmup`` calls.
+def median_time(fn: Callable[[], Any], *, warmup: int, iters: int, device: str,
+                prepare: Callable[[], Any] | None = None) -> dict:
+    """Median/min/max seconds of ``fn`` over ``iters`` timed calls after ``warmup`` calls;
+    ``prepare()`` (fresh grads) runs before each call, untimed.
 
-    On CUDA each call is timed with events (device time); on CPU with perf_counter.
+    On CUDA each call is timed with events recorded just before and after it (device time of
+    the whole call: host run-up the GPU waits for included); on CPU with perf_counter.
     """
+    prepare = prepare or (lambda: None)
     for _ in range(warmup):
+        prepare()
         fn()
     times = []
     if device == "cuda":
         torch.cuda.synchronize()
         for _ in range(iters):
+            prepare()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -103,11 +126,73 @@ def median_time(fn: Callable[[], Any], *, warmup: int, iters: int, device: str) 
             times.append(a.elapsed_time(b) / 1e3)
     else:
         for _ in range(iters):
+            prepare()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "iters": iters}
+
+
+def device_seconds(events, device_type) -> float:
+    """Seconds of device activity in profiler ``events`` of ``device_type`` (kernels, copies,
+    memsets: everything the step put on the device), summed."""
+    total = 0.0
+    for e in events:
+        if e.device_type == device_type:
+            us = getattr(e, "device_time", None)
+            if us is None:  # torch < 2.4
+                us = getattr(e, "cuda_time", 0.0)
+            total += us
+    return total / 1e6
+
+
+def kernel_time(fn: Callable[[], Any], *, iters: int, device: str,
+                prepare: Callable[[], Any] | None = None) -> float | None:
+    """Mean device seconds per call of ``fn`` spent in the device work it launched (CUDA
+    kernels, copies, memsets, from torch's profiler: the same method for every optimizer),
+    without the host run-up before them. None on a CPU: there the call's time is its work."""
+    if device != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    prepare = prepare or (lambda: None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            prepare()
+            fn()
+        torch.cuda.synchronize()
+    return device_seconds(prof.events(), DeviceType.CUDA) / iters
+
+
+# What torch's sync debug mode says at each synchronising call ("warn" mode). The first switch
+# into the mode in a process also warns once, with other words: not a synchronisation.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def sync_count(caught) -> int:
+    """Synchronisations among caught warnings: only torch's per-sync message counts."""
+    return sum(str(w.message).strip() == SYNC_WARNING for w in caught)
+
+
+def count_syncs(fn: Callable[[], Any], prepare: Callable[[], Any] | None = None) -> int | None:
+    """Host-device synchronisations inside one call of ``fn`` (torch's sync debug mode);
+    None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+    if prepare is not None:
+        prepare()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sync_count(caught)
 
 
 def release(device: str) -> None:

@@ -62,6 +62,7 @@ class _FusedPlusCopy:
             m.grad = p.grad.float()  # as if backward produced fp32 grads
         self.opt = torch.optim.AdamW(self.masters, lr=lr, betas=(beta, beta),
                                      weight_decay=0.01, fused=True)
+        self.grad_params = self.masters  # what the benchmarks hand fresh grads to
 
     @torch.no_grad()
     def step(self):

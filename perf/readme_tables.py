@@ -32,7 +32,10 @@ def machine_line(d) -> str:
     gpu = m.get("gpu")
     where = (f"{gpu.get('name', gpu.get('torch_name'))}, driver {gpu.get('driver', '?')}" if gpu
              else f"CPU: {m.get('host_cpu', '?')}, {m.get('cpu_cores', '?')} cores, no GPU")
-    return (f"*Machine: {where}; torch {v.get('torch')}, triton {v.get('triton')}, "
+    commit = v.get("commit")
+    at = (f"commit {commit}{' + local changes to tiedadam/' if v.get('tiedadam_modified') else ''}"
+          if commit else "commit not recorded")
+    return (f"*Machine: {where}; torch {v.get('torch')}, triton {v.get('triton')}; {at}; "
             f"written {d.get('written', '?')}.*")
 
 
@@ -61,18 +64,26 @@ def step_table(rel) -> str:
     d = _load(rel)
     if d is None:
         return f"*(no results file `{rel}` yet)*"
-    # % of copy only where a device copy is a bandwidth ceiling (a GPU); on a CPU one copy_ is
-    # not (caches, threads), and steps read above 100 % of it.
+    # % of copy only where a device copy is a bandwidth ceiling (a GPU), and from the device
+    # time of the step's own work (kernel ms); on a CPU one copy_ is not a ceiling (caches,
+    # threads), and there is no separate kernel time.
     gpu = d.get("device") != "cpu"
-    lines = ["| workload | provider | tensors | elements | step ms | GB/s | "
-             + ("% of copy | " if gpu else "") + "vs torch fused | host µs |",
-             "|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|"]
+    lines = ["| workload | provider | grads | tensors | elements | step ms | "
+             + ("kernel ms | kernel GB/s | % of copy | " if gpu else "GB/s | ")
+             + "vs torch fused | host µs |",
+             "|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if gpu else "---:|")
+             + "---:|---:|"]
     for r in d["results"]:
         vs = f"{r['speedup_vs_torch_fused']:.2f}×" if r.get("speedup_vs_torch_fused") else "–"
-        pct = f"{r['pct_of_copy_bw']:.0f} | " if gpu else ""
-        lines.append(f"| {r['workload']} | {r['provider']} | {r['tensors']} | {r['numel']:,} | "
-                     f"{r['median_s'] * 1e3:.2f} | {r['bandwidth_Bps'] / 1e9:.1f} | "
-                     f"{pct}{vs} | {r['host_s'] * 1e6:.0f} |")
+        if gpu:
+            k = r.get("kernel_s")
+            mid = (f"{k * 1e3:.2f} | {r['bytes'] / k / 1e9:.1f} | {r['pct_of_copy_bw']:.0f} | "
+                   if k else "– | – | – | ")
+        else:
+            mid = f"{r['bandwidth_Bps'] / 1e9:.1f} | "
+        lines.append(f"| {r['workload']} | {r['provider']} | {r.get('grads', 'kept')} | "
+                     f"{r['tensors']} | {r['numel']:,} | {r['median_s'] * 1e3:.2f} | {mid}"
+                     f"{vs} | {r['host_s'] * 1e6:.0f} |")
     skipped = "; ".join(f"{k}: {v}" for k, v in d.get("skipped", {}).items())
     return ("\n".join(lines) + "\n\n" + machine_line(d)
             + (f" Skipped: {skipped}." if skipped else ""))

@@ -238,3 +238,21 @@ def test_amp_leaves_grads_unscaled_on_gpu():
     opt.step()
     for p, g in zip(ps, grads):
         assert torch.equal(p.grad, g)
+
+
+def test_sync_counter_counts_a_sync_and_not_the_modes_first_notice():
+    """perf/common.py count_syncs, in a fresh process (where switching sync debug mode on
+    first prints a notice of its own): .item() is one sync, a plain op none."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, torch; sys.path.insert(0, 'perf'); from common import count_syncs; "
+              "x = torch.randn(10, device='cuda'); "
+              "print(count_syncs(lambda: x.sum()), count_syncs(lambda: x.sum().item()), "
+              "count_syncs(lambda: x.sum()))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "1", "0"], out.stdout + out.stderr[-2000:]
+

@@ -50,26 +50,69 @@ def test_bench_step_smallest(tmp_path):
     out = run_script("bench_step.py", "--scale", str(scale), "--iters", "3", "--warmup", "1",
                      "--providers", "tiedadam,torch-fused,torch-fused+copy-bf16,bnb-adamw8bit",
                      tmp_path=tmp_path)
-    assert "provider" in out.splitlines()[-6] or "skipped" in out
+    assert "provider" in out.splitlines()[-9] or "skipped" in out
     data = json.load(open(tmp_path / "bench_step.json"))
-    assert data["device"] == "cpu" and data["copy_bandwidth_Bps"] > 0
+    assert data["device"] == "cpu" and data["copy_bandwidth_Bps"] > 0 and data["complete"]
     assert data["versions"]["torch"] and data["machine_before"]["host_cpu"]
+    assert data["versions"].get("commit")  # the checkout the run measured
     assert "bnb-adamw8bit" in data["skipped"] or any(
         r["provider"] == "bnb-adamw8bit" for r in data["results"])
-    rows = {(r["workload"], r["provider"]): r for r in data["results"]}
-    assert {w for w, _ in rows} == {"llama", "small", "flat"}
-    flat = rows[("flat", "tiedadam")]
+    rows = {(r["workload"], r["provider"], r["grads"]): r for r in data["results"]}
+    assert {w for w, _, _ in rows} == {"llama", "small", "flat"}
+    assert {g for _, _, g in rows} == {"fresh", "kept"}  # every workload both ways
+    flat = rows[("flat", "tiedadam", "fresh")]
     assert flat["numel"] == round(2 ** 30 * scale) and flat["tensors"] == 1
     assert flat["bytes"] == 28 * flat["numel"]
-    assert rows[("llama", "tiedadam")]["tensors"] == 201
-    assert rows[("small", "torch-fused")]["tensors"] == 2000
-    assert rows[("small", "torch-fused+copy-bf16")]["bytes"] == 34 * rows[("small", "torch-fused")]["numel"]
+    assert rows[("llama", "tiedadam", "kept")]["tensors"] == 201
+    assert rows[("small", "torch-fused", "fresh")]["tensors"] == 2000
+    assert rows[("small", "torch-fused+copy-bf16", "kept")]["bytes"] == 34 * rows[
+        ("small", "torch-fused", "kept")]["numel"]
     for r in data["results"]:
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
-        assert r["bandwidth_Bps"] > 0 and r["pct_of_copy_bw"] > 0 and r["host_s"] > 0
-        assert r["syncs"] is None  # CPU: no device to sync with
-    assert rows[("flat", "torch-fused")]["speedup_vs_torch_fused"] == 1.0
+        assert r["bandwidth_Bps"] > 0 and r["host_s"] > 0
+        # CPU: no device kernels apart from the call, no copy ceiling, nothing to sync with
+        assert r["kernel_s"] is None and r["pct_of_copy_bw"] is None and r["syncs"] is None
+    assert rows[("flat", "torch-fused", "fresh")]["speedup_vs_torch_fused"] == 1.0
     assert (tmp_path / "bench_step.png").stat().st_size > 1000
+
+
+def test_sync_count_counts_only_torchs_per_sync_warning():
+    """The one-time notice torch prints when sync debug mode is first switched on also
+    mentions synchronisation; only the per-sync message counts (perf/common.py)."""
+    import warnings
+    sys.path.insert(0, os.path.join(ROOT, "perf"))
+    from common import SYNC_WARNING, sync_count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet "
+                      "detect all synchronizing operations")
+        warnings.warn(SYNC_WARNING)
+        warnings.warn("something else entirely")
+        warnings.warn(SYNC_WARNING)
+    assert sync_count(caught) == 2
+
+
+def test_device_seconds_sums_the_profilers_device_events():
+    """kernel_s's aggregation (perf/common.py), exercised on CPU events: what a GPU run sums
+    for CUDA events."""
+    sys.path.insert(0, os.path.join(ROOT, "perf"))
+    from common import device_seconds
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(512, 512)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            x @ x
+
+    class Ev:  # the profiler's events carry device_type and device_time; a CPU run has no
+        def __init__(self, e):  # device events, so stand CPU ones in for them
+            self.device_type, self.device_time = DeviceType.CUDA, e.cpu_time
+    mm = [e for e in prof.events() if e.name == "aten::mm"]
+    assert len(mm) == 3
+    got = device_seconds([Ev(e) for e in mm], DeviceType.CUDA)
+    assert abs(got - sum(e.cpu_time for e in mm) / 1e6) < 1e-9 and got > 0
+    assert device_seconds(prof.events(), DeviceType.CUDA) == 0.0  # no CUDA events on a CPU
 
 
 def test_bench_offload_smallest(tmp_path):

@@ -37,12 +37,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dump", metavar="CUBIN_DIR", help="also write <variant>.cubin files here")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="only the first N variants (the GPU suite's --dry-run)")
     args = ap.parse_args(argv)
 
     import sass
 
     t0 = time.time()
-    todo = list(sass.variants())
+    todo = list(sass.variants())[:args.limit]
     header = (f"{'variant':<30}{'regs':>5}{'thr/SM':>7}{'spill':>6}{'instr/el':>9}{'budget':>7}"
               f"{'smem':>5}  widths (bits)  misses")
     print(f"compiling {len(todo)} kernel variants for sm_{args.arch} (a few seconds each)",

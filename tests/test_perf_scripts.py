@@ -206,3 +206,56 @@ def test_beta_study_smoke(tmp_path):
             assert r["u_abs_max_sample"] <= 1.0 + 1e-6
             assert all(0 <= s["high_snr_fraction"] <= 1 for s in r["stats"])
     assert (tmp_path / "beta_study.png").exists()
+
+
+STAGES = ["gpu_tests", "kernel_report", "bench_step", "bench_variants", "bench_host",
+          "bench_train", "bench_memory", "bench_compiled"]
+
+
+def test_gpu_suite_rehearses_every_stage_on_cpu(tmp_path):
+    """`bash perf/gpu_suite.sh --dry-run OUT`: every stage of the GPU run at toy sizes on this
+    CPU, each within its budget, writing the files the GPU run writes (perf/README.md)."""
+    out = tmp_path / "suite"
+    before = git_status()
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # the suite sets what each stage needs
+    proc = subprocess.run(["bash", os.path.join(ROOT, "perf", "gpu_suite.sh"), "--dry-run",
+                           str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert git_status() == before, "the rehearsal changed the checkout"
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == STAGES, summary
+    assert all(" rc=0 " in line for line in summary), summary
+    for name in ("kernel_report", "bench_step", "bench_variants", "bench_host", "bench_train",
+                 "bench_memory", "bench_step_compiled"):
+        data = json.load(open(out / f"{name}.json"))
+        assert data["versions"].get("commit"), name
+    step = json.load(open(out / "bench_step.json"))
+    assert step["complete"] and {r["grads"] for r in step["results"]} == {"fresh", "kept"}
+    variants = json.load(open(out / "bench_variants.json"))["results"]
+    assert len(variants) == 4 and all(r["step_median_s"] > 0 and r["bytes_per_element"] > 0
+                                      for r in variants)
+    assert "commit" in (out / "machine.txt").read_text()
+
+
+def test_bench_variants_launches_the_variant_it_names():
+    """bench_variants.optimizer_for configures TiedAdamW so that its one bucket is exactly the
+    kernel variant perf/sass.py names (dtypes, master, rounding, telemetry, flat or table)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, os.path.join(ROOT, "perf"))
+    import torch
+    import bench_variants
+    import sass
+    for spec in sass.variants():
+        opt, params = bench_variants.optimizer_for(spec, 64, 4, "cpu")
+        opt.step()
+        (plan,) = opt._plans.values()
+        ((backend, b),) = plan.buckets
+        want_state = torch.float64 if spec["param"] == torch.float64 else spec["state"]
+        assert backend == "triton", spec
+        assert (b.param_dtype, b.state_dtype, b.has_master) == (spec["param"], want_state,
+                                                                spec["master"]), spec
+        assert (b.state_sr, b.param_sr) == (spec["state_sr"], spec["param_sr"]), spec
+        assert (b.telemetry is not None) == spec.get("telemetry", False), spec
+        assert (len(b.params) == 1) == spec["flat"], spec
+        assert (getattr(opt, "grad_scale", None) is not None) == spec["scale"], spec

@@ -55,9 +55,12 @@ def kernel_table(rel="perf/results/kernel_report.json") -> str:
                      f"{v['spill_bytes']} | {loop['instructions_per_element']} "
                      f"({v['instr_budget']}) | {sum(loop['shared'].values())} | {widths} | "
                      f"{met} |")
+    c = d["versions"].get("commit")
     return "\n".join(lines) + (f"\n\n*{d['what']}; torch {d['versions']['torch']}, "
-                               f"triton {d['versions']['triton']}. Hot loop: the SASS loop over "
-                               f"whole blocks, fast path (perf/sass.py, Note [hot loop]).*")
+                               f"triton {d['versions']['triton']}; "
+                               f"{f'commit {c}' if c else 'commit not recorded'}. Hot loop: the "
+                               f"SASS loop over whole blocks, fast path (perf/sass.py, Note "
+                               f"[hot loop]).*")
 
 
 def step_table(rel) -> str:
@@ -177,6 +180,44 @@ def host_table(rel) -> str:
 
 GPU = "perf/results/h200"
 
+
+def newest_gpu_run(name: str) -> str | None:
+    """``perf/results/h200/<run>/<name>`` of the newest run folder holding it (folders are
+    named ``<date>-<commit>``, so their order is their age); None before the first."""
+    import glob
+    found = sorted(glob.glob(os.path.join(ROOT, GPU, "*", name)))
+    return os.path.relpath(found[-1], ROOT) if found else None
+
+
+def gpu_block(name: str, table) -> str:
+    rel = newest_gpu_run(name)
+    if rel is None:
+        return (f"*(no GPU run of the current suite yet: `{name}` appears here from "
+                f"`{GPU}/<date>-<commit>/` once `perf/gpu_suite.sh` has run on a GPU)*")
+    return table(rel)
+
+
+def variants_table(rel) -> str:
+    d = _load(rel)
+    lines = ["| variant | elements | bytes/element | kernel ms | kernel GB/s | % of copy | "
+             "instructions/element | memory floor ms | issue floor ms | bound | floor / kernel |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in d["results"]:
+        k = r.get("kernel_s")
+        ti = r.get("t_issue_s")
+        lines.append(
+            f"| {r['variant']} | {r['numel']:,} | {r['bytes_per_element']} | "
+            f"{k * 1e3:.3f} | {r['kernel_bandwidth_Bps'] / 1e9:.0f} | {r['pct_of_copy_bw']:.0f} | "
+            f"{r.get('instructions_per_element') or '–'} | {r['t_memory_s'] * 1e3:.3f} | "
+            f"{'–' if ti is None else f'{ti * 1e3:.3f}'} | {r.get('bound') or '–'} | "
+            f"{r['efficiency']:.2f} |" if k else
+            f"| {r['variant']} | {r['numel']:,} | {r['bytes_per_element']} | – | – | – | – | – | "
+            f"– | – | – |")
+    return "\n".join(lines) + "\n\n" + machine_line(d) + (
+        f" Copy bandwidth {d['copy_bandwidth_Bps'] / 1e9:.0f} GB/s (read + write), {d['sms']} "
+        f"SMs at {d['sm_clock_hz'] and d['sm_clock_hz'] / 1e9} GHz, issue floor from "
+        f"`{d['static_report']}` of the same run.")
+
 BLOCKS = {
     "beta_study": beta_table,
     "precision_study": precision_table,
@@ -184,10 +225,9 @@ BLOCKS = {
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
-    "gpu_step": lambda: step_table(f"{GPU}/bench_step.json"),
-    "gpu_step_peers": lambda: (step_table(f"{GPU}/bench_step_ds.json") + "\n\n"
-                               + step_table(f"{GPU}/bench_step_compiled.json")),
-    "gpu_train": lambda: train_table(f"{GPU}/bench_train.json", f"{GPU}/bench_train_ds.json"),
+    "gpu_step": lambda: gpu_block("bench_step.json", step_table),
+    "gpu_variants": lambda: gpu_block("bench_variants.json", variants_table),
+    "gpu_train": lambda: gpu_block("bench_train.json", train_table),
 }
 
 

@@ -135,16 +135,11 @@ def median_time(fn: Callable[[], Any], *, warmup: int, iters: int, device: str,
 
 
 def device_seconds(events, device_type) -> float:
-    """Seconds of device activity in profiler ``events`` of ``device_type`` (kernels, copies,
-    memsets: everything the step put on the device), summed."""
-    total = 0.0
-    for e in events:
-        if e.device_type == device_type:
-            us = getattr(e, "device_time", None)
-            if us is None:  # torch < 2.4
-                us = getattr(e, "cuda_time", 0.0)
-            total += us
-    return total / 1e6
+    """Seconds of the profiler ``events`` that ran on ``device_type`` (for CUDA: kernels,
+    copies, memsets, everything the step put on the device), summed. A device event's own
+    duration is its ``time_range`` (what torch's ``device_time_total`` returns for it)."""
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.device_type == device_type) / 1e6
 
 
 def kernel_time(fn: Callable[[], Any], *, iters: int, device: str,
@@ -158,7 +153,7 @@ def kernel_time(fn: Callable[[], Any], *, iters: int, device: str,
     from torch.profiler import ProfilerActivity, profile
     prepare = prepare or (lambda: None)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             prepare()
             fn()

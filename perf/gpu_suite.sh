@@ -58,6 +58,10 @@ run() {  # run NAME BUDGET_S CMD...: log to OUTDIR/NAME.log, one summary line pe
 cat "$OUT/machine.txt"
 
 # Sizes: the GPU run's, or toy sizes for the rehearsal (same stages, same output files).
+# Budgets (480 s in all) from the first H200 run's stage times (perf/results/h200/summary.txt:
+# GPU tests 84 s, kernel report 30 s, bench_step 42 s for half of today's rows, inductor
+# compiling the TinyLlama step for ~90 s): bench_compiled runs the flat workload first and, like
+# bench_step, keeps the rows it finished if its budget stops it.
 if [ $DRY = 1 ]; then
   KR=(--limit 2)
   STEP=(--scale 0.0005 --iters 2 --warmup 1)
@@ -67,22 +71,22 @@ if [ $DRY = 1 ]; then
   MEM=(--scale 0.0005)
 else
   KR=()
-  STEP=(--iters 20)
+  STEP=(--iters 10 --warmup 3)
   VAR=()
   HOST=(--real-launch --iters 100)
   TRAIN=()
   MEM=()
 fi
 
-run gpu_tests      70 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_deepspeed.py
-run kernel_report  60 $PY perf/kernel_report.py --out "$OUT" "${KR[@]}"
-run bench_step    115 $PY perf/bench_step.py --out "$OUT" "${STEP[@]}" \
+run gpu_tests     100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_deepspeed.py
+run kernel_report  45 $PY perf/kernel_report.py --out "$OUT" "${KR[@]}"
+run bench_step    110 $PY perf/bench_step.py --out "$OUT" "${STEP[@]}" \
     --providers tiedadam,tiedadam-telemetry,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,torch-foreach,torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
 run bench_variants 45 $PY perf/bench_variants.py --out "$OUT" --report "$OUT/kernel_report.json" "${VAR[@]}"
-run bench_host     30 $PY perf/bench_host.py --out "$OUT" "${HOST[@]}"
-run bench_train    60 $PY perf/bench_train.py --out "$OUT" "${TRAIN[@]}"
-run bench_memory   30 $PY perf/bench_memory.py --out "$OUT" "${MEM[@]}"
-run bench_compiled 70 $PY perf/bench_step.py --out "$OUT" --tag compiled --workloads flat,llama \
+run bench_host     25 $PY perf/bench_host.py --out "$OUT" "${HOST[@]}"
+run bench_train    50 $PY perf/bench_train.py --out "$OUT" "${TRAIN[@]}"
+run bench_memory   25 $PY perf/bench_memory.py --out "$OUT" "${MEM[@]}"
+run bench_compiled 80 $PY perf/bench_step.py --out "$OUT" --tag compiled --workloads flat,llama \
     --providers torch-compiled,torch-fused "${STEP[@]}"
 
 cat "$OUT/summary.txt"

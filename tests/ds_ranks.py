@@ -136,7 +136,8 @@ def stream_keys(engine) -> dict:
     tied = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if not isinstance(tied, TiedAdamW):
         return {}
-    keys = {k for plan in tied._plans.values() for _, b in plan.buckets for k in b.keys}
+    from tiedadam.optim import introspect
+    keys = introspect.stream_keys(tied)
     return dict(partitions=len(tied.state), distinct_keys=len(keys - {0}))
 
 

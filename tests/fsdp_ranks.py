@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from tiedadam import TiedAdamW
 from tiedadam.integrations import fsdp as tfsdp
+from tiedadam.optim import introspect
 
 BETA = 0.9
 
@@ -107,7 +108,7 @@ def parity(rank, world, how, steps):
             out["state_dtypes"] = sorted({str(s["exp_avg"].dtype) for s in st})
             out["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
             # Note [guard fast path]: armed after the first reuse, kept while nothing changes
-            out["fast_guard"] = [plan.guard.fast is not None for plan in opt._plans.values()]
+            out["fast_guard"] = introspect.fast_guard_armed(opt)
     return out
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tiedadam import TiedAdamW
-from tiedadam.optim import guard
+from tiedadam import _compat
+from tiedadam.optim import guard, introspect
 from reference import assert_close
 from twins import Wrapped, assert_unchanged, pair, snapshot, step_both, torch_ref, trained
 
@@ -274,7 +275,7 @@ def test_recompile_limit_falls_back_to_torch_ops_with_one_warning(monkeypatch):
     from tiedadam.optim import torch_backend
     from reference import ref_step
     monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
-    monkeypatch.setattr(C, "_broken", None)
+    C.reset_fallback()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     was = torch.are_deterministic_algorithms_enabled()
     p = torch.nn.Parameter(torch.randn(4096))
@@ -294,11 +295,12 @@ def test_recompile_limit_falls_back_to_torch_ops_with_one_warning(monkeypatch):
                                           lr=0.01, beta=0.9, eps=1e-8, weight_decay=1e-2)
                     torch.testing.assert_close(p.detach().double(), want, rtol=1e-3, atol=1e-4)
                 assert float(opt.state[p]["step"]) == step
+        assert not C.compiled_available()
     finally:
         torch.use_deterministic_algorithms(was)
+        C.reset_fallback()  # later tests of this process compile again
     msgs = [str(w.message) for w in caught if "compiled CPU step failed" in str(w.message)]
     assert len(msgs) == 1 and "global settings" in msgs[0]
-    assert not C.compiled_available()
 
 
 # 9. The fast check's self-test ------------------------------------------------------------------
@@ -318,10 +320,10 @@ class _StrideBlind:
 
 def test_fast_guard_self_test_refuses_a_stride_blind_tensor_check(monkeypatch):
     if not guard.USE_FAST_GUARD:
-        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards / dict_version")
-    assert guard._fast_guard_works()
-    monkeypatch.setattr(guard, "_TensorGuards", _StrideBlind)
-    assert not guard._fast_guard_works()
+        pytest.skip("this torch has no dynamo TensorGuards / dict_version")
+    assert _compat.fast_guard_works()
+    monkeypatch.setattr(_compat, "TensorGuards", _StrideBlind)
+    assert not _compat.fast_guard_works()
 
 
 # 10. Keys of AdamW and DeepSpeed configs --------------------------------------------------------
@@ -388,13 +390,13 @@ def test_buffers_used_in_a_graph_capture_outlive_a_rebuilt_plan(monkeypatch):
     monkeypatch.setattr(triton_backend, "capturing", lambda device: True)
     opt.step()
     monkeypatch.setattr(triton_backend, "capturing", lambda device: False)
-    (plan,) = opt._plans.values()
-    held = [weakref.ref(plan.buckets[0][1].tickets),
-            weakref.ref(opt._tables._tables[next(iter(opt._tables._tables))].addr)]
+    (plan,) = introspect.plans(opt)
+    (table,) = introspect.tables(opt)
+    held = [weakref.ref(plan.buckets[0][1].tickets), weakref.ref(table.addr)]
     opt.state.clear()  # new state: new plan, new tables and tickets
-    opt._tables.clear()  # as when the table cache evicts
+    introspect.evict_tables(opt)  # as when the table cache is full
     opt.step()
-    del plan
+    del plan, table
     import gc
     gc.collect()
     assert all(r() is not None for r in held), "a buffer the captured graph uses was freed"

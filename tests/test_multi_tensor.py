@@ -9,6 +9,7 @@ import torch
 
 from tiedadam import TiedAdamW
 from tiedadam.kernels import tied_adamw as K
+from tiedadam.optim import introspect
 from tiedadam.kernels.multi_tensor import MultiTensorTable, TableCache, build_chunks
 from reference import assert_close, ref_step
 
@@ -25,14 +26,14 @@ def test_one_launch_per_step_for_60_tensors():
     n = len(list(model.parameters()))
     assert n >= 60
     opt = TiedAdamW(model.parameters(), lr=1e-3, backend="triton")
-    builds = opt._tables.builds
+    builds = introspect.table_builds(opt)
     for step in range(3):
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         before = K.launches
         opt.step()
         assert K.launches - before == 1
-    assert opt._tables.builds - builds == 1, "tables are built once, then reused"
+    assert introspect.table_builds(opt) - builds == 1, "tables are built once, then reused"
 
 
 def test_one_launch_per_dtype_bucket():
@@ -62,7 +63,7 @@ def test_fresh_grads_repoint_without_rebuild_and_stay_correct():
         opt.step()
         ropt.step()
     assert len(addrs) == 12
-    assert opt._tables.builds == 1
+    assert introspect.table_builds(opt) == 1
     for p, r in zip(ps, ref):
         assert_close(p, r)
 
@@ -97,7 +98,7 @@ def test_param_set_change_rebuilds():
     opt.step()
     ps[1].grad = None
     opt.step()
-    assert opt._tables.builds == 2
+    assert introspect.table_builds(opt) == 2
     assert [float(opt.state[p]["step"]) for p in ps] == [2.0, 1.0, 2.0]
 
 
@@ -209,5 +210,5 @@ def test_kernel_counts_each_tensors_step_once():
     for a, b in zip(ours, theirs):
         assert opt.state[a]["step"].item() == ref.state[b]["step"].item() == 3.0
         torch.testing.assert_close(a, b)  # stepped with t = 1, 2, 3
-    (_, bucket), = opt._plans[next(iter(opt._plans))].buckets
+    (_, bucket), = introspect.buckets(opt)
     assert bucket.tickets.tolist() == [0, 0, 0]

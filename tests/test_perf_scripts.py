@@ -241,12 +241,12 @@ def test_bench_variants_launches_the_variant_it_names():
     sys.path.insert(0, os.path.join(ROOT, "perf"))
     import torch
     import bench_variants
+    from tiedadam.optim import introspect
     import sass
     for spec in sass.variants():
         opt, params = bench_variants.optimizer_for(spec, 64, 4, "cpu")
         opt.step()
-        (plan,) = opt._plans.values()
-        ((backend, b),) = plan.buckets
+        ((backend, b),) = introspect.buckets(opt)
         want_state = torch.float64 if spec["param"] == torch.float64 else spec["state"]
         assert backend == "triton", spec
         assert (b.param_dtype, b.state_dtype, b.has_master) == (spec["param"], want_state,

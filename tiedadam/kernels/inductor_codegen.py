@@ -58,11 +58,11 @@ import torch
 
 VERSION = 2  # bump when the code written here changes (Note [codegen key])
 
-try:
-    from torch._inductor.codegen import cpp as _cpp
-    from torch._inductor.codegen.cpp_utils import DTYPE_TO_CPP as _DTYPE_TO_CPP
-    from torch._inductor.virtualized import V as _V
+from .. import _compat
 
+_INDUCTOR = _compat.inductor_cpu_codegen()  # None: this torch's inductor lacks the pieces
+try:
+    _cpp, _DTYPE_TO_CPP, _V = _INDUCTOR.cpp, _INDUCTOR.DTYPE_TO_CPP, _INDUCTOR.V
     _ORIGINAL = _cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
     AVAILABLE = (isinstance(_ORIGINAL, staticmethod)
                  and hasattr(_cpp.CppVecKernel, "_get_num_vectors"))
@@ -79,10 +79,8 @@ try:
 except Exception:  # another inductor: its own arange
     ARANGE_AVAILABLE = False
 
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass as _Pass
-except Exception:  # no custom passes: no key (and no overrides worth keying)
-    _Pass = None
+_Pass = None if _INDUCTOR is None else _INDUCTOR.CustomGraphPass
+if _Pass is None:  # no custom passes: no key (and no overrides worth keying)
     AVAILABLE = ARANGE_AVAILABLE = False
 
 

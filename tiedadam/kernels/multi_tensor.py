@@ -124,7 +124,7 @@ class TableCache:
     groups swapped in and out, and ZeRO-3 once per sub-group partition.
     """
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int):
         self.capacity = capacity
         self._tables: OrderedDict[Hashable, MultiTensorTable] = OrderedDict()
         self.builds = 0  # number of full table builds, for tests and perf reports

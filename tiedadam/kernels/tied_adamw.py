@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layout as L
 from .multi_tensor import ALIGN_BYTES, MultiTensorTable
 
 _ALIGN = tl.constexpr(ALIGN_BYTES)  # bytes promised by tl.multiple_of (Note [alignment])
@@ -51,12 +52,16 @@ _PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 PHILOX_ROUNDS = tl.constexpr(7)  # Note [philox rounds]
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
-# Rows of the address table (Note [tables] in multi_tensor.py).
-ROLE_PARAM, ROLE_GRAD, ROLE_EXP_AVG, ROLE_EXP_AVG_SQ, ROLE_MASTER, ROLE_STEP = range(6)
-N_ROLES = 6
-N_ELEMENTWISE = 5  # param, grad, exp_avg, exp_avg_sq, master
-# Columns of the per-group hyperparameter table (fp64 [G, 4]).
-N_HYPER = 4  # lr, beta, eps, weight_decay
+# The shared layouts (layout.py): rows of the address table, columns of the hyperparameter
+# table and of the telemetry rows.
+_ROLE_PARAM = tl.constexpr(L.ROLE_PARAM)
+_ROLE_GRAD = tl.constexpr(L.ROLE_GRAD)
+_ROLE_EXP_AVG = tl.constexpr(L.ROLE_EXP_AVG)
+_ROLE_EXP_AVG_SQ = tl.constexpr(L.ROLE_EXP_AVG_SQ)
+_ROLE_MASTER = tl.constexpr(L.ROLE_MASTER)
+_ROLE_STEP = tl.constexpr(L.ROLE_STEP)
+_N_HYPER = tl.constexpr(L.N_HYPER)
+_TELEMETRY_WIDTH = tl.constexpr(L.TELEMETRY_WIDTH)
 
 # Note [block size]
 # Each program walks one CHUNK of one tensor in BLOCK-sized steps, so the chunk table stays
@@ -363,6 +368,51 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
 
 
 @triton.jit
+def _tensor_of_program(pid, addr_ptr, meta_ptr, chunk_ptr, n_tensors,
+                       flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel,
+                       flat_aligned, flat_group, flat_key,
+                       PARAM: tl.constexpr, STATE: tl.constexpr, FLAT: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """The tensor this program steps: (index in the bucket, first element of its chunk, numel,
+    param group, aligned flag, rounding stream key, and the base pointers of param, grad,
+    exp_avg, exp_avg_sq, master and step). FLAT: one tensor passed as direct arguments (a ZeRO
+    partition); otherwise read from the chunk, meta and address tables (Note [tables] in
+    multi_tensor.py; roles in layout.py)."""
+    if FLAT:
+        tid = pid * 0  # one tensor: index 0 (a tensor, so it converts like the table's)
+        start = pid.to(tl.int64) * CHUNK
+        numel = flat_numel.to(tl.int64)
+        group = flat_group
+        aligned = flat_aligned
+        key = flat_key
+        p_base = flat_p
+        g_base = flat_g
+        m_base = flat_m
+        v_base = flat_v
+        w_base = flat_w
+        step_ptr = flat_step
+    else:
+        tid = tl.load(chunk_ptr + pid)
+        start = tl.load(chunk_ptr + tl.num_programs(0) + pid)
+        numel = tl.load(meta_ptr + tid)
+        group = tl.load(meta_ptr + n_tensors + tid)
+        aligned = tl.load(meta_ptr + 2 * n_tensors + tid)
+        key = tl.load(meta_ptr + 3 * n_tensors + tid)
+        p_base = tl.load(addr_ptr + _ROLE_PARAM * n_tensors + tid).to(tl.pointer_type(PARAM))
+        g_base = tl.load(addr_ptr + _ROLE_GRAD * n_tensors + tid).to(tl.pointer_type(PARAM))
+        m_base = tl.load(addr_ptr + _ROLE_EXP_AVG * n_tensors + tid).to(
+            tl.pointer_type(STATE))
+        v_base = tl.load(addr_ptr + _ROLE_EXP_AVG_SQ * n_tensors + tid).to(
+            tl.pointer_type(STATE))
+        w_base = tl.load(addr_ptr + _ROLE_MASTER * n_tensors + tid).to(
+            tl.pointer_type(tl.float32))
+        step_ptr = tl.load(addr_ptr + _ROLE_STEP * n_tensors + tid).to(
+            tl.pointer_type(tl.float32))
+    return (tid, start, numel, group, aligned, key, p_base, g_base, m_base, v_base, w_base,
+            step_ptr)
+
+
+@triton.jit
 def _tied_adamw_kernel(
     addr_ptr, meta_ptr, chunk_ptr, n_tensors,  # tables (unused when FLAT)
     hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
@@ -387,33 +437,11 @@ def _tied_adamw_kernel(
     else:
         inv_scale = 1.0
 
-    if FLAT:
-        # One flat tensor (a ZeRO partition): pointers are direct arguments, no tables.
-        start = pid.to(tl.int64) * CHUNK
-        numel = flat_numel.to(tl.int64)
-        group = flat_group
-        tid = pid * 0  # one tensor: index 0 (a tensor, so it converts like the table's)
-        aligned = flat_aligned
-        key = flat_key
-        p_base = flat_p
-        g_base = flat_g
-        m_base = flat_m
-        v_base = flat_v
-        w_base = flat_w
-        step_ptr = flat_step
-    else:
-        tid = tl.load(chunk_ptr + pid)
-        start = tl.load(chunk_ptr + tl.num_programs(0) + pid)
-        numel = tl.load(meta_ptr + tid)
-        group = tl.load(meta_ptr + n_tensors + tid)
-        aligned = tl.load(meta_ptr + 2 * n_tensors + tid)
-        key = tl.load(meta_ptr + 3 * n_tensors + tid)
-        p_base = tl.load(addr_ptr + 0 * n_tensors + tid).to(tl.pointer_type(PARAM))
-        g_base = tl.load(addr_ptr + 1 * n_tensors + tid).to(tl.pointer_type(PARAM))
-        m_base = tl.load(addr_ptr + 2 * n_tensors + tid).to(tl.pointer_type(STATE))
-        v_base = tl.load(addr_ptr + 3 * n_tensors + tid).to(tl.pointer_type(STATE))
-        w_base = tl.load(addr_ptr + 4 * n_tensors + tid).to(tl.pointer_type(tl.float32))
-        step_ptr = tl.load(addr_ptr + 5 * n_tensors + tid).to(tl.pointer_type(tl.float32))
+    (tid, start, numel, group, aligned, key, p_base, g_base, m_base, v_base, w_base,
+     step_ptr) = _tensor_of_program(pid, addr_ptr, meta_ptr, chunk_ptr, n_tensors, flat_p,
+                                    flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel,
+                                    flat_aligned, flat_group, flat_key, PARAM, STATE, FLAT,
+                                    CHUNK)
 
     # Note [loop bounds]: a program updates the elements of its chunk that exist,
     # rem = min(numel - start, CHUNK), and no iteration touches nothing. Aligned tensors: an
@@ -438,16 +466,16 @@ def _tied_adamw_kernel(
                 bad = (~(tl.abs(g) <= _FP32_MAX)).to(tl.float32)
                 gsq += _per_thread(g * g, BLOCK, False)
                 nonfinite += _per_thread(bad, BLOCK, False)
-            row = tele_ptr + 5 * tid
+            row = tele_ptr + _TELEMETRY_WIDTH * tid
             tl.atomic_add(row + 0, tl.sum(gsq, axis=0))
             tl.atomic_add(row + 3, tl.sum(nonfinite, axis=0))
         return
 
     # Per-program scalars in fp64, as torch computes them in Python floats.
-    lr = tl.load(hyper_ptr + 4 * group + 0)
-    beta = tl.load(hyper_ptr + 4 * group + 1)
-    eps = tl.load(hyper_ptr + 4 * group + 2)
-    weight_decay = tl.load(hyper_ptr + 4 * group + 3)
+    lr = tl.load(hyper_ptr + _N_HYPER * group + 0)  # columns: layout.HYPER_FIELDS
+    beta = tl.load(hyper_ptr + _N_HYPER * group + 1)
+    eps = tl.load(hyper_ptr + _N_HYPER * group + 2)
+    weight_decay = tl.load(hyper_ptr + _N_HYPER * group + 3)
     t32 = tl.load(step_ptr) + 1.0  # this step's count (Note [step counts])
     t = t32.to(tl.float64)
     t_u32 = t32.to(tl.uint32)
@@ -515,7 +543,7 @@ def _tied_adamw_kernel(
         tl.store(ticket_ptr + tid, 0)
     if TELEMETRY:
         # Note [telemetry]: one atomic per metric per program into the tensor's row.
-        row = tele_ptr + 5 * tid
+        row = tele_ptr + _TELEMETRY_WIDTH * tid
         # u = q / c: sum u^2 = sum q^2 / c^2, max |u| = max |q| / c.
         tl.atomic_add(row + 0, tl.sum(gsq, axis=0))
         tl.atomic_add(row + 1, tl.sum(qsq, axis=0) * (inv_c * inv_c).to(tl.float32))
@@ -537,17 +565,15 @@ def launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master
                 num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
-def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
+def launch_tied_adamw(table: MultiTensorTable, hyper: torch.Tensor, *,
                       param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                       grad_scale: torch.Tensor | None = None,
                       found_inf: torch.Tensor | None = None,
-                      flat: tuple | None = None, flat_group: int = 0, flat_key: int = 0,
                       state_sr: bool = False, param_sr: bool = False,
                       telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5,
                       tickets: torch.Tensor) -> None:
-    """Launch the kernel once over a table (or one flat tensor: ``flat`` = (p, g, m, v, w, step)
-    of param group ``flat_group``, rounding stream key ``flat_key``; a table carries each
-    tensor's group and key).
+    """Launch the kernel once over a table (each tensor's group and rounding stream key travel
+    in it; one flat tensor goes through ``launch_flat``).
 
     The step counts hold the count before this step; the kernel increments them (Note [step
     counts]). ``tickets``: int32 zeros, one per tensor (the kernel leaves them zero).
@@ -560,10 +586,6 @@ def launch_tied_adamw(table: MultiTensorTable | None, hyper: torch.Tensor, *,
     inf = found_inf if has_scale else dummy
     consts = launch_config(param_dtype, state_dtype, has_master, has_scale, state_sr, param_sr,
                            telemetry is not None)
-    if flat is not None:
-        launch_flat(consts, hyper, scale, inf, tele, snr_threshold, tickets, *flat, flat_group,
-                    flat_key)
-        return
     grid = (table.n_chunks,)
     _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
                              scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
@@ -575,7 +597,7 @@ def launch_flat(consts: dict, hyper: torch.Tensor, scale: torch.Tensor, inf: tor
                 tele: torch.Tensor, snr_threshold: float, tickets: torch.Tensor, p: torch.Tensor,
                 g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
                 step: torch.Tensor, group: int, key: int) -> None:
-    """``launch_tied_adamw(flat=...)`` with its arguments resolved: ``consts`` from
+    """One flat tensor (Note [flat] in optim/triton_backend.py) with its arguments resolved: ``consts`` from
     ``launch_config``, ``scale``/``inf``/``tele`` tensors (``hyper`` where unused). Positional,
     for the flat path's per-step call (Note [flat]; perf/bench_host.py's flat row). The
     alignment promise is computed here from the addresses, every launch."""

@@ -79,7 +79,7 @@ step (28): 27 ms against 19.8 for 20M elements on the 2-core dev VM.
 
 The node that held the tile at 8 was a copy. ``p.copy_(new_p)`` on an input that the new value
 also reads is lowered as a computed buffer plus a pure copy into the input, and for an fp32
-param that copy touches nothing but fp32. ``torch._foreach_copy_`` of all outputs at once is
+param that copy touches nothing but fp32. A foreach copy (``_compat.foreach_copy_``) of all outputs at once is
 lowered differently: inductor writes each computed value straight into its input (no copy
 node, the path torch.optim's compiled foreach step takes), so every node reads a bf16 moment
 and the tile is 16. Measured (``tied_adamw_step`` at 50M, the same run, steps in rotation):
@@ -111,12 +111,12 @@ from __future__ import annotations
 
 import math
 import time
-import types
 import warnings
 
 import torch
 from torch import Tensor
 
+from .. import _compat
 from . import inductor_codegen
 from .bf16_round import round_bf16
 
@@ -198,7 +198,7 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
         for d_, s_ in zip(dst, src):  # the 8-wide tile (Note [cpu tiling])
             d_.copy_(s_)
     else:
-        torch._foreach_copy_(dst, src)  # the 16-wide tile (Note [cpu tiling])
+        _compat.foreach_copy_(dst, src)  # the 16-wide tile (Note [cpu tiling])
 
 
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
@@ -223,14 +223,17 @@ def _step_fn(mode: tuple):
     ``tied_adamw_step``'s code (Note [cpu compile])."""
     fn = _compiled.get(mode)
     if fn is None:
-        f = tied_adamw_step
-        code = f.__code__.replace(co_name=f"{f.__name__}_mode{len(_compiled)}")
-        fn = torch.compile(types.FunctionType(code, f.__globals__, code.co_name,
-                                              f.__defaults__, f.__closure__),
-                           dynamic=True, fullgraph=True,
+        own = _compat.fresh_code(tied_adamw_step, f"tied_adamw_step_mode{len(_compiled)}")
+        fn = torch.compile(own, dynamic=True, fullgraph=True,
                            options=inductor_codegen.compile_options())  # Note [codegen key]
         _compiled[mode] = fn
     return fn
+
+
+def reset_fallback() -> None:
+    """Try compiling again after a fallback (Note [cpu fallback]): for tests."""
+    global _broken
+    _broken = None
 
 
 def compiled_available() -> bool:

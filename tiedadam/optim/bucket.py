@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+# How many step plans (and, per backend, address tables and hyperparameter tables) are kept:
+# DeepSpeed steps one group per call, ZeRO-3 one sub-group partition per call, each a plan.
+MAX_CACHED = 64
+
 
 @dataclass
 class Bucket:
@@ -22,9 +26,9 @@ class Bucket:
     state_sr: bool = False  # bf16 states rounded stochastically
     param_sr: bool = False  # bf16 params (no master) rounded stochastically
     index: list[int] = field(default_factory=list)  # positions in the step's entry list
-    params: list[Tensor] = field(default_factory=list)  # local tensors (DTensor unwrapped)
+    params: list[Tensor] = field(default_factory=list)  # the param role: local shards or copies
     grads: list[Tensor] = field(default_factory=list)
-    sources: list[Tensor] = field(default_factory=list)  # what holds .grad (the Parameter)
+    parameters: list[Tensor] = field(default_factory=list)  # the Parameters (what holds .grad)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     masters: list[Tensor | None] = field(default_factory=list)
@@ -32,20 +36,21 @@ class Bucket:
     groups: list[int] = field(default_factory=list)
     keys: list[int] = field(default_factory=list)  # rounding stream keys (rng.py)
     names: list[str] = field(default_factory=list)  # for telemetry
-    telemetry: Tensor | None = None  # fp32 [T, 5] when telemetry is on
+    telemetry: Tensor | None = None  # fp32 [T, layout.TELEMETRY_WIDTH] when telemetry is on
     tickets: Tensor | None = None  # int32 [T] zeros for the kernel's step counts (triton)
     whole: bool = False  # the only bucket of its step: index is every entry, in order
     has_copies: bool = False  # some params step through working copies
     base_params: list | None = None  # params outside a step (copies: the build step's, unused)
 
-    def bind(self, grads: list, special: dict) -> None:
-        """This step's grads and working copies ({position: (copy or None, ...)}), verified."""
+    def bind(self, inputs) -> None:
+        """This step's grads and working copies (``step_plan.StepInputs``), verified."""
+        grads = inputs.grads
         self.grads = grads if self.whole else [grads[i] for i in self.index]
         if self.has_copies:
             if self.base_params is None:
                 self.base_params = list(self.params)
-            self.params = [special[i][0] if i in special and special[i][0] is not None else b
-                           for i, b in zip(self.index, self.base_params)]
+            copies = inputs.copies
+            self.params = [copies.get(i, b) for i, b in zip(self.index, self.base_params)]
 
     def release(self) -> None:
         """Drop this step's grads (and working copies) once launched."""

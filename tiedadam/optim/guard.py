@@ -1,5 +1,5 @@
 """The per-step check that lets a cached plan be reused (Note [what the kernel may trust], 4, in
-plan.py), written so that the loop over the parameters runs in C.
+verify.py), written so that the loop over the parameters runs in C.
 
 Note [guard]
 ------------
@@ -18,7 +18,7 @@ these must still hold, for every parameter of the step:
   conjugate bit, and lies inside its storage; a DTensor grad has the param's mesh and
   placements.
 
-Any difference sends the step down the full check (plan.py), which explains what is wrong or
+Any difference sends the step down the full check (verify.py), which explains what is wrong or
 builds a new plan. Ids are compared only for objects the plan holds, so no id can have been
 reused by another object meanwhile.
 
@@ -33,34 +33,34 @@ Once the checks above have passed, the guard arms a faster check of the same fac
 steps that follow (nothing changes in what is checked):
 
 * ``optimizer.state`` and each param's state dict keep their CPython dict version (PEP 509;
-  ``torch._C._dynamo.guards.dict_version``): any assignment of another object to a key, any
+  ``_compat.dict_version``, dynamo's): any assignment of another object to a key, any
   key added or removed, changes it. An unchanged version means the same state dicts with the
   same tensor objects in them, without hashing the params (``Tensor.__hash__`` is Python).
-* ``torch._C._dynamo.guards.TensorGuards`` (dynamo's C++ tensor check) compares, in one call,
+* ``_compat.TensorGuards`` (dynamo's C++ tensor check) compares, in one call,
   the Python type, dispatch keys (device type, layout: a sparse grad fails), dtype, device
   index, requires_grad, sizes and strides of the params and state tensors, and then of the
   grads against those of the step that armed it (the walk strides).
 * The addresses are still read one by one (``data_ptr``): ``.data =`` and ``set_`` move
   memory without changing anything that check sees.
 * Sharded plans (FSDP2, TP): each DTensor param and state keeps the local shard object it had
-  (``_local_tensor`` read in C and compared by id), so the checks above, made on those local
+  (``_compat.LOCAL``, read in C and compared by id), so the checks above, made on those local
   shards, still apply; the grads' local shards are read the same way.
-
 * Extents: the held storages' sizes are compared (Note [storage extents]); each grad's storage
   offset is the one armed and its storage holds the walk's reach from there.
-* DTensor grads: each grad's ``_spec`` is the spec object of the step that armed the check
+* DTensor grads: each grad's sharding spec (``_compat.SPEC``) is the spec object of the step that armed the check
   (verified then to have the param's mesh and placements). DTensor keeps spec objects in a
   cache shared by the tensors of one sharding (FSDP2 hands every grad the param's own), so
   this is an identity comparison; the plan holds the objects, so no id is reused.
 
 Any miss falls back to the full per-parameter comparison above, which re-arms the fast check
 when everything holds. Where torch lacks these functions, or they misbehave, the guard uses the
-comparison above only (``USE_FAST_GUARD``). The fast check is built from what was just
+comparison above only (``USE_FAST_GUARD``; ``_compat.fast_guard_works`` is the self-test run
+before the fast check is first armed). The fast check is built from what was just
 verified, so it can only be stricter (a requires_grad flip on a param costs one slow step).
 
 Note [storage extents]
 ----------------------
-The kernel reads and writes ``reach_bytes(t)`` bytes of each tensor's storage (plan.py, Note
+The kernel reads and writes ``verify.reach_bytes(t)`` bytes of each tensor's storage (verify.py, Note
 [what the kernel may trust], 4). A tensor's shape, strides and offset are checked against its
 storage whenever torch sets them (views, ``set_``, ``as_strided``), but a storage resized under
 it (``untyped_storage().resize_``, what FSDP does to unsharded params) is not. So the plan
@@ -80,8 +80,11 @@ from operator import add, attrgetter, is_, itemgetter, le, mul
 import torch
 from torch import Tensor
 
-from .plan import MASTER_KEY, layout_grad, walk_reach
-from .shards import local_tensor
+from .. import _compat
+from .._compat import LOCAL as _LOCAL
+from .._compat import SPEC as _SPEC
+from .._compat import is_dtensor, local_tensor
+from .verify import MASTER_KEY, layout_grad, walk_reach, work_copy
 
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
@@ -89,8 +92,6 @@ _LAYOUT = attrgetter("layout")
 _PTR = Tensor.data_ptr
 _STRIDE = Tensor.stride
 _DEVICE = Tensor.get_device  # an int (-1 for CPU): the cheap form of .device, which builds an object
-_LOCAL = attrgetter("_local_tensor")  # a DTensor's local shard (shards.local_tensor, in C)
-_SPEC = attrgetter("_spec")  # a DTensor's sharding (mesh, placements, ...)
 _STORAGE = Tensor.untyped_storage
 _NBYTES = torch.UntypedStorage.nbytes
 _OFFSET = Tensor.storage_offset
@@ -99,51 +100,12 @@ _CONJ = Tensor.is_conj
 _ROLES = itemgetter("step", "exp_avg", "exp_avg_sq")
 _MASTER = itemgetter(MASTER_KEY)
 
-try:  # Note [guard fast path]
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-    from torch._C._dynamo.guards import dict_version as _dict_version
-except ImportError:  # another torch: the per-parameter comparison only
-    _TensorGuards = _dict_version = None
-USE_FAST_GUARD = _TensorGuards is not None and _dict_version is not None
+# Note [guard fast path]; off where this torch lacks dynamo's guards (_compat), or when set
+# False (the tests and perf/bench_host.py --no-fast-guard take the full comparison this way)
+USE_FAST_GUARD = _compat.TensorGuards is not None and _compat.dict_version is not None
 _MAX_ARMS = 8  # armed this many times in a row, missing each time: stop (Note [guard fast path])
-
-
-def tensor_guards(ts: list):
-    """dynamo's C++ check of ``ts``' type, dispatch keys, dtype, device, requires_grad, sizes
-    and strides as they are now (Note [guard fast path]); None if this torch's cannot be built
-    or does not pass the tensors it was built from."""
-    try:
-        tg = _TensorGuards(*ts, tensor_check_names=[f"t{i}" for i in range(len(ts))],
-                           dynamic_dims_sizes=[list(t.shape) for t in ts],
-                           dynamic_dims_strides=[list(t.stride()) for t in ts])
-        return tg if tg.check(*ts) else None
-    except Exception:  # another signature: the per-parameter comparison only
-        return None
-
-
-def _fast_guard_works() -> bool:
-    """The fast check relies on things of the running torch and Python; verified once, on
-    small tensors and dicts, before it is armed anywhere: a dict's version changes when a key
-    gets another object or is added, and the tensor check accepts a tensor like the one it was
-    built from but refuses each property on its own: another shape, other strides with the
-    same shape (a transposed square), another dtype, another type, another layout, the
-    negative bit."""
-    d = {"a": 1}
-    v0 = _dict_version(d)
-    d["a"] = 2
-    v1 = _dict_version(d)
-    d["b"] = 3
-    if len({v0, v1, _dict_version(d)}) != 3:
-        return False
-    t = torch.zeros(3, 3)
-    tg = tensor_guards([t])
-    return tg is not None and tg.check(torch.ones(3, 3)) and not any(tg.check(x) for x in (
-        torch.zeros(3, 4), torch.zeros(3, 3).t(), torch.zeros(3, 3, dtype=torch.float64),
-        torch.nn.Parameter(torch.zeros(3, 3)), torch.zeros(3, 3).to_sparse(),
-        torch.zeros(3, 3, dtype=torch.complex64).conj().imag))  # neg bit
-
-
-_FAST_GUARD_VERIFIED: bool | None = None
+# the self-test's verdict (_compat.fast_guard_works), None until the fast check is first armed
+FAST_GUARD_VERDICT: bool | None = None
 
 
 def layout(ts: list) -> tuple:
@@ -165,7 +127,7 @@ class Guard:
 
     def __init__(self, entries: list, state, sharded: bool):
         self.sharded = sharded
-        sources = [e.source for e in entries]
+        sources = [e.param for e in entries]
         sts = list(map(state.get, sources))
         self.st_ids = list(map(id, sts))
         self.st_lens = list(map(len, sts))
@@ -188,13 +150,14 @@ class Guard:
         # what a grad walked in place needs of its storage, from its offset on (bytes)
         self.itemsizes = [p.element_size() for p in params]
         self.reach = list(map(walk_reach, map(_SHAPE, params), self.walk, self.itemsizes))
-        self.copied = [j for j, e in enumerate(entries) if e.writeback is not None]
+        self.copied = [j for j, e in enumerate(entries) if e.write_back_to is not None]
         # DTensor params: the mesh and placements each grad must have (None: a plain param)
         self.meshes = [getattr(s, "device_mesh", None) for s in sources] if sharded else None
         self.placements = ([getattr(s, "placements", None) for s in sources] if sharded
                            else None)
         self.fast = None  # what _arm records for _fast_holds
         self.arms = 0
+        self.took_full = False  # the last reuse() went through the full comparison
 
     def _held(self, sts: list) -> list:
         """The state tensors of ``sts``, flattened: (step, exp_avg, exp_avg_sq) per parameter,
@@ -204,33 +167,31 @@ class Guard:
             held += map(_MASTER, [sts[j] for j in self.masters])
         return held
 
-    def reuse(self, state, sources: list, grads: list) -> tuple | None:
-        """This step's grads (in the walk layout) and {j: (working copy or None, the user's
-        grad if it was copied)}, if everything the plan trusts still holds; else None."""
+    def reuse(self, state, sources: list, grads: list):
+        """This step's inputs (``step_plan.StepInputs``: grads in the walk layout, working
+        copies, the user's grads that were copied) if everything the plan trusts still holds;
+        else None."""
+        from .step_plan import StepInputs
         fast = None if self.fast is None else self._fast_holds(state, grads)
+        self.took_full = fast is None
         if fast is not None:
-            grads, special = fast, {}
+            grads, user_grads = fast, {}
             self.arms = 0
         else:
             checked = self._check(state, sources, grads)
             if checked is None:
                 return None
-            grads, special = checked
-        for j in self.copied:  # a non-dense param: stepped through a fresh working copy
-            local = local_tensor(sources[j])
-            work = torch.empty_strided(local.shape, self.walk[j], dtype=local.dtype,
-                                       device=local.device)
-            work.copy_(local)
-            special[j] = (work, special.get(j, (None, None))[1])
-        return grads, special
+            grads, user_grads = checked
+        copies = {j: work_copy(local_tensor(sources[j]), self.walk[j]) for j in self.copied}
+        return StepInputs(grads, copies, user_grads)
 
     def _fast_holds(self, state, grads: list) -> list | None:
         """Note [guard fast path]: the same facts as ``_check``, in a few C calls. The grads as
         the kernel takes them (local shards), or None: then ``_check`` decides."""
         (st, version, sts, versions, dt_objs, dt_local_ids, tensors, tensor_check,
          grad_specs, spec_ids, grad_offsets, grad_check) = self.fast
-        if not (state is st and _dict_version(state) == version
-                and list(map(_dict_version, sts)) == versions):
+        if not (state is st and _compat.dict_version(state) == version
+                and list(map(_compat.dict_version, sts)) == versions):
             return None
         if dt_objs and list(map(id, map(_LOCAL, dt_objs))) != dt_local_ids:
             return None  # a DTensor's local shard was replaced
@@ -254,24 +215,24 @@ class Guard:
         """After ``_check`` passed with grads in the walk layout (``grads``: local shards of
         ``user_grads``): the fast check of what it verified (Note [guard fast path]).
         ``held``: the state tensor objects (DTensors where sharded)."""
-        global _FAST_GUARD_VERIFIED
+        global FAST_GUARD_VERDICT
         self.fast = None
         if not USE_FAST_GUARD or self.arms >= _MAX_ARMS:
             return
-        if _FAST_GUARD_VERIFIED is None:
+        if FAST_GUARD_VERDICT is None:
             try:
-                _FAST_GUARD_VERIFIED = _fast_guard_works()
+                FAST_GUARD_VERDICT = _compat.fast_guard_works()
             except Exception:
-                _FAST_GUARD_VERIFIED = False
-        if not _FAST_GUARD_VERIFIED:
+                FAST_GUARD_VERDICT = False
+        if not FAST_GUARD_VERDICT:
             return
         self.arms += 1
         objs = list(sources) + held  # the same objects while the plan key and versions hold
-        dt_objs = [o for o in objs if isinstance(o, Tensor) and hasattr(o, "_local_tensor")]
+        dt_objs = [o for o in objs if isinstance(o, Tensor) and is_dtensor(o)]
         tensors = list(map(local_tensor, objs)) if dt_objs else objs  # layout order
         grad_specs = spec_ids = None
         if self.sharded:
-            n_dt = sum(hasattr(g, "_local_tensor") for g in user_grads)
+            n_dt = sum(map(is_dtensor, user_grads))
             if 0 < n_dt < len(user_grads):
                 return  # DTensor and plain grads in one plan: the full comparison only
             if n_dt:
@@ -279,15 +240,15 @@ class Guard:
                 spec_ids = list(map(id, grad_specs))
         offsets = list(map(_OFFSET, grads))
         self.need = [o * k + r for o, k, r in zip(offsets, self.itemsizes, self.reach)]
-        tensor_check, grad_check = tensor_guards(tensors), tensor_guards(grads)
+        tensor_check, grad_check = _compat.tensor_guards(tensors), _compat.tensor_guards(grads)
         if tensor_check is not None and grad_check is not None:
-            self.fast = (state, _dict_version(state), sts, list(map(_dict_version, sts)),
+            self.fast = (state, _compat.dict_version(state), sts, list(map(_compat.dict_version, sts)),
                          dt_objs, list(map(id, map(_LOCAL, dt_objs))), tensors, tensor_check,
                          grad_specs, spec_ids, offsets, grad_check)
 
     def _check(self, state, sources: list, grads: list) -> tuple | None:
-        """Note [guard]: (grads in the walk layout, {j: (None, the user's grad)} for grads
-        copied into it), or None."""
+        """Note [guard]: (grads in the walk layout, {j: the user's grad} for grads copied into
+        it), or None."""
         sts = list(map(state.get, sources))
         if list(map(id, sts)) != self.st_ids or list(map(len, sts)) != self.st_lens:
             return None
@@ -307,10 +268,10 @@ class Guard:
         if not (_same_layout(locals_ + held, self.layout)
                 and list(map(_NBYTES, self.storages)) == self.nbytes):
             return None
-        user_grads = grads
+        given = grads
         if sharded:
             # each grad a DTensor with its param's mesh and placements, or plain for a plain
-            # param (Note [what the kernel may trust], 1, in plan.py)
+            # param (Note [what the kernel may trust], 1, in verify.py)
             if (list(map(getattr, grads, repeat("device_mesh"), repeat(None))) != self.meshes
                     or list(map(getattr, grads, repeat("placements"), repeat(None)))
                     != self.placements):
@@ -325,7 +286,7 @@ class Guard:
                 or any(map(_NEG, grads)) or any(map(_CONJ, grads))):
             return None  # the full check names the parameter and what is wrong (sparse grads)
         strides = list(map(_STRIDE, grads))
-        special = {}
+        user_grads = {}
         if strides != self.walk:  # a transposed or expanded grad: copied into the walk layout
             grads = list(grads)
             for j, (s, w) in enumerate(zip(strides, self.walk)):
@@ -333,13 +294,13 @@ class Guard:
                     grads[j], out = layout_grad(grads[j], locals_[j], w)
                     if grads[j] is None:
                         return None  # outside its storage: the full check names it
-                    special[j] = (None, out)
+                    user_grads[j] = out
         need = map(add, map(mul, map(_OFFSET, grads), self.itemsizes), self.reach)
         try:
             if not all(map(le, need, map(_NBYTES, map(_STORAGE, grads)))):
                 return None  # a grad outside its storage: the full check names it
         except (RuntimeError, NotImplementedError):
             return None  # a local shard without storage: the full check copies it
-        if not special:
-            self._arm(state, sources, sts, held_objs, user_grads, grads)
-        return grads, special
+        if not user_grads:
+            self._arm(state, sources, sts, held_objs, given, grads)
+        return grads, user_grads

@@ -37,9 +37,11 @@ the uninterrupted one, and no generator state is saved.
 
 from __future__ import annotations
 
-import math
+import weakref
 
 from torch import Tensor
+
+from .._compat import shard_offset
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -55,19 +57,49 @@ def mix(*xs: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def shard_offset(t: Tensor) -> int:
-    """Flat offset of a DTensor's local shard in the full tensor (0 for a plain tensor)."""
-    placements = getattr(t, "placements", None)
-    if placements is None:
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, placements)
-    strides = [math.prod(t.shape[d + 1:]) for d in range(len(t.shape))]
-    return sum(int(o) * s for o, s in zip(offset, strides))
-
-
 def stream_key(seed: int, ordinal: int, position: int, shard: int, slot: int = 0) -> int:
     """The tensor's stream key (Note [rng streams])."""
     if slot:
         return mix(seed, ordinal, position, shard, slot)
     return mix(seed, ordinal, position, shard)
+
+
+class StreamKeys:
+    """Group ordinals and slots in the order this optimizer first saw them (Note [rng streams]),
+    and the stream key they give a tensor. ``reset()`` after a load: a resumed run numbers as
+    a fresh one."""
+
+    def __init__(self):
+        self.ordinals: dict[int, tuple[int, dict]] = {}  # id(group) -> (ordinal, group)
+        self.slots: dict[tuple, list] = {}  # (ordinal, position) -> weakrefs, first seen first
+
+    def reset(self) -> None:
+        self.ordinals.clear()
+        self.slots.clear()
+
+    def ordinal(self, group: dict, groups: list) -> int:
+        """The group's number: its index in ``groups`` for a plain run, the call order for
+        DeepSpeed's one-group-per-call steps."""
+        seen = self.ordinals.get(id(group))
+        if seen is None or seen[1] is not group:
+            for g in (*groups, group):
+                s = self.ordinals.get(id(g))
+                if s is None or s[1] is not g:
+                    self.ordinals[id(g)] = (len(self.ordinals), g)
+            seen = self.ordinals[id(group)]
+        return seen[0]
+
+    def slot(self, ordinal: int, position: int, tensor: Tensor) -> int:
+        """How many other tensors were first seen at this (group ordinal, position) before
+        ``tensor``: 0 in a plain run; ZeRO-3's sub-group partitions in stepping order."""
+        refs = self.slots.setdefault((ordinal, position), [])
+        for k, ref in enumerate(refs):
+            if ref() is tensor:
+                return k
+        refs.append(weakref.ref(tensor))
+        return len(refs) - 1
+
+    def key(self, group: dict, groups: list, position: int, tensor: Tensor) -> int:
+        ordinal = self.ordinal(group, groups)
+        return stream_key(group["seed"], ordinal, position, shard_offset(tensor),
+                          self.slot(ordinal, position, tensor))

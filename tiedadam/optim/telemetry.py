@@ -1,7 +1,7 @@
 """Update telemetry (opt-in, ``TiedAdamW(..., telemetry=True)``): what the optimizer did to each
 parameter at the last step, read out without a host sync until asked.
 
-Per parameter, in an fp32 row of 5 (Note [telemetry] in kernels/tied_adamw.py): sum of g^2,
+Per parameter, in an fp32 row of ``FIELDS`` (Note [telemetry] in kernels/tied_adamw.py): sum of g^2,
 sum of u^2 and max |u| for the update before lr u = m_hat / (sqrt(v_hat) + eps), the count of
 non-finite grads, and the count of high signal-to-noise elements, |m_hat| / sqrt(v_hat) >
 ``snr_threshold`` (tied betas bound that ratio, and so |u|, by 1).
@@ -10,12 +10,15 @@ non-finite grads, and the count of high signal-to-noise elements, |m_hat| / sqrt
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-FIELDS = ("grad_sq_sum", "update_sq_sum", "update_abs_max", "nonfinite_grads", "high_snr_count")
+from ..kernels.layout import TELEMETRY_FIELDS as FIELDS
+from ..kernels.multi_tensor import upload
+from .bucket import MAX_CACHED
 
 
 @torch.no_grad()
@@ -95,3 +98,46 @@ def to_floats(tel: dict[str, dict[str, Tensor]], prefix: str = "telemetry") -> d
                 f"{prefix}/all/high_snr_count": float(stacked[:, 7].sum()),
                 f"{prefix}/all/numel": float(stacked[:, 8].sum())})
     return out
+
+
+class TelemetryLog:
+    """The buckets of the recent steps, newest last: DeepSpeed steps one group (or ZeRO-3
+    sub-group) per call, so each parameter's latest row may be in an earlier call's buckets."""
+
+    def __init__(self):
+        self.plans: OrderedDict = OrderedDict()
+
+    def clear(self) -> None:
+        self.plans.clear()
+
+    def record(self, key, buckets: list) -> None:
+        self.plans[key] = buckets
+        self.plans.move_to_end(key)
+        if len(self.plans) > MAX_CACHED:
+            self.plans.popitem(last=False)
+
+    def read(self, groups: list, reduce: bool) -> dict[str, dict[str, Tensor]]:
+        """``TiedAdamW.telemetry()``: each parameter's latest row, in parameter order."""
+        latest = {}  # id(param) -> (name, row tensor, numel, replication); newest plan wins
+        for buckets in self.plans.values():
+            for _, b in buckets:
+                for i, param in enumerate(b.parameters):
+                    latest[id(param)] = (b.names[i], b.telemetry[i], b.params[i].numel(),
+                                         replication(param))
+        if not latest:
+            return {}
+        order = [id(p) for g in groups for p in g["params"] if id(p) in latest]
+        order += [k for k in latest if k not in set(order)]  # swapped-out (DeepSpeed) groups
+        names, seen = [], {}
+        for k in order:  # DeepSpeed swaps one-group lists in: fallback names can repeat
+            n = latest[k][0]
+            seen[n] = seen.get(n, 0) + 1
+            names.append(n if seen[n] == 1 else f"{n}#{seen[n] - 1}")
+        numels = [latest[k][2] for k in order]
+        reps = [latest[k][3] for k in order]
+        rows = [latest[k][1] for k in order]
+        device = rows[0].device
+        return readout(names, torch.stack([r.to(device) for r in rows]),
+                       upload(torch.tensor(numels, dtype=torch.float32), device),
+                       reduce=reduce, replicas=upload(torch.tensor(reps, dtype=torch.float32),
+                                                      device))

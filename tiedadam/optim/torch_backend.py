@@ -1,4 +1,4 @@
-"""TiedAdamW through torch's own fused AdamW (``torch._fused_adamw_`` with betas (beta, beta)).
+"""TiedAdamW through torch's own fused AdamW (``_compat.fused_adamw_`` with betas (beta, beta)).
 
 The right backend for CPU tensors outside the tests (as fast as DeepSpeedCPUAdam on a 2-core
 CPU, 6x the foreach path: README, DeepSpeed section): the same semantics, no Triton. Also serves any device
@@ -18,7 +18,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import _compat
 from ..kernels.bf16_round import round_bf16
+from ..kernels.layout import TELEMETRY_WIDTH
+from .amp import per_device
 from .rng import mix
 
 
@@ -58,7 +61,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
              and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)]
     if plain:
-        torch._fused_adamw_([params[i] for i in plain], [grads[i] for i in plain],
+        _compat.fused_adamw_([params[i] for i in plain], [grads[i] for i in plain],
                             [exp_avgs[i] for i in plain], [exp_avg_sqs[i] for i in plain], [],
                             [state_steps[i] for i in plain], **kw)
     if len(plain) == len(params):
@@ -77,7 +80,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     m32 = [exp_avgs[i].float() for i in other]
     v32 = [exp_avg_sqs[i].float() for i in other]
     g32 = [grads[i].float() for i in other]
-    torch._fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
+    _compat.fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
     for j, i in enumerate(other):
         gen = None
         if state_sr or param_sr:  # one generator per tensor, consumed before the next
@@ -133,50 +136,50 @@ def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | N
 USE_COMPILED_CPU_STEP = os.environ.get("TIEDADAM_CPU_COMPILE", "1") != "0"
 
 
-def torch_step(b, groups: Sequence[dict], *, grad_scale: Tensor | None = None,
-               found_inf: Tensor | None = None, snr_threshold: float = 0.5) -> None:
-    """TiedAdamW for bucket ``b`` (verified this step, plan.py) with torch ops: one fused call
-    per param group, as ``triton_step`` is one launch per bucket."""
-    torch._foreach_add_(b.steps, 1.0)
-    scale, inf = per_device(grad_scale, found_inf, b.device)
-    for gi in sorted(set(b.groups)):
-        idx = [i for i, g in enumerate(b.groups) if g == gi]
-        group = groups[gi]
-        # eps and weight decay may be 1-element CPU tensors (validated); torch's fused op takes
-        # floats for them (lr may stay a tensor)
-        eps, weight_decay = float(group["eps"]), float(group["weight_decay"])
-        keys = None
-        if b.state_sr or b.param_sr:
-            keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
-        torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
-                         [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
-                         [b.masters[i] for i in idx], [b.steps[i] for i in idx],
-                         lr=group["lr"], beta=group["beta"], eps=eps,
-                         weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
-                         keys=keys, state_sr=b.state_sr, param_sr=b.param_sr)
-        if b.telemetry is not None:
-            from .telemetry import torch_rows
-            rows = torch.zeros(len(idx), 5, device=b.device)
-            # The grads are unscaled now, except on a skipped (found_inf) step.
-            still = None if scale is None else torch.where(inf != 0, scale, torch.ones_like(scale))
-            torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
-                       [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
-                       beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
-                       grad_scale=still)
-            if inf is not None:  # nothing was updated: only the grad fields are meaningful
-                rows[:, 1:3] *= (inf == 0)
-                rows[:, 4] *= (inf == 0)
-            b.telemetry[idx] = rows
-    if inf is not None:  # AMP: a skipped step does not count
-        torch._foreach_sub_(b.steps, [inf] * len(b.steps))
+class TorchBackend:
+    """TiedAdamW for a bucket with torch ops: one fused call per param group (``triton_step``
+    is one launch per bucket). Holds no caches."""
+    name = "torch"
 
+    def reset(self) -> None:
+        pass
 
-def per_device(grad_scale, found_inf, device):
-    """AMP's scale and found-inf flag as fp32 scalars on ``device`` (no host sync)."""
-    if grad_scale is None and found_inf is None:
-        return None, None
-    scale = (grad_scale.to(device, torch.float32, non_blocking=True) if grad_scale is not None
-             else torch.ones((), device=device))
-    inf = (found_inf.to(device, torch.float32, non_blocking=True) if found_inf is not None
-           else torch.zeros((), device=device))
-    return scale, inf
+    def step(self, b, key, groups: Sequence[dict], grad_scale: Tensor | None,
+             found_inf: Tensor | None, snr_threshold: float) -> None:
+        """Bucket ``b`` (verified this step, verify.py). ``key`` names the plan (unused: no
+        tables here)."""
+        if _compat.fused_adamw_ is None:  # pragma: no cover - refused earlier by choose()
+            raise RuntimeError("this torch has no fused AdamW op")
+        _compat.foreach_add_(b.steps, 1.0)
+        scale, inf = per_device(grad_scale, found_inf, b.device)
+        for gi in sorted(set(b.groups)):
+            idx = [i for i, g in enumerate(b.groups) if g == gi]
+            group = groups[gi]
+            # eps and weight decay may be 1-element CPU tensors (validated); torch's fused op
+            # takes floats for them (lr may stay a tensor)
+            eps, weight_decay = float(group["eps"]), float(group["weight_decay"])
+            keys = None
+            if b.state_sr or b.param_sr:
+                keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
+            torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
+                             [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
+                             [b.masters[i] for i in idx], [b.steps[i] for i in idx],
+                             lr=group["lr"], beta=group["beta"], eps=eps,
+                             weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
+                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr)
+            if b.telemetry is not None:
+                from .telemetry import torch_rows
+                rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)
+                # The grads are unscaled now, except on a skipped (found_inf) step.
+                still = None if scale is None else torch.where(inf != 0, scale,
+                                                               torch.ones_like(scale))
+                torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
+                           [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
+                           beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
+                           grad_scale=still)
+                if inf is not None:  # nothing was updated: only the grad fields are meaningful
+                    rows[:, 1:3] *= (inf == 0)
+                    rows[:, 4] *= (inf == 0)
+                b.telemetry[idx] = rows
+        if inf is not None:  # AMP: a skipped step does not count
+            _compat.foreach_sub_(b.steps, [inf] * len(b.steps))

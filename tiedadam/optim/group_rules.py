@@ -1,16 +1,22 @@
-"""Validation of TiedAdamW's hyperparameters: every error names the argument and the fix,
-and is raised before any state or parameter changes."""
+"""The rules of a param group: hyperparameters, beta/betas as one setting, TiedAdamW's options
+and the config keys of other AdamWs. Every error names the argument and the fix, and is raised
+before any state or parameter changes. ``GroupRules`` checks a list of groups at every step,
+remembering what it validated (so unchanged groups cost a few identity comparisons) and which
+groups had an option edited since (their plans are dropped, their state converted:
+Note [what the kernel may trust], 6, in verify.py)."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from operator import is_
 from typing import Any
 
 import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
+UNSET = object()  # "beta not given" (None is not: it would read as a value)
 
 
 def _scalar(name: str, value: Any, where: str) -> float | None:
@@ -57,12 +63,18 @@ def check_weight_decay(weight_decay: Any, where: str = "") -> None:
                          f"finite float >= 0")
 
 
-def tied_beta_from_betas(betas: Any, where: str = "") -> float:
-    """``betas=(b, b)`` -> b. Untied betas are refused with the reason and the fix."""
+def beta_pair(betas: Any, where: str = "") -> tuple:
+    """``betas`` as a pair (b1, b2), unchecked; refused when it is not a pair."""
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"{where}betas must be a pair (beta, beta), got {betas!r}") from None
+    return b1, b2
+
+
+def tied_beta_from_betas(betas: Any, where: str = "") -> float:
+    """``betas=(b, b)`` -> b. Untied betas are refused with the reason and the fix."""
+    b1, b2 = beta_pair(betas, where)
     b1 = check_beta(b1, where)
     b2 = check_beta(b2, where)
     if b1 != b2:
@@ -72,6 +84,17 @@ def tied_beta_from_betas(betas: Any, where: str = "") -> float:
             f"element to [-lr, lr] and needs one bias correction. Pass beta={b2} "
             f"(or betas=({b2}, {b2})), or use torch.optim.AdamW for untied betas.")
     return b1
+
+
+def resolve_beta(beta: Any, betas: Any, where: str) -> float:
+    """The tied beta from ``beta`` and/or ``betas`` (either may be given; both must agree)."""
+    if betas is None:
+        return check_beta(0.95 if beta is UNSET else beta, where)
+    tied = tied_beta_from_betas(betas, where)
+    if beta is not UNSET and check_beta(beta, where) != tied:
+        raise ValueError(f"{where}beta={beta} and betas={tuple(betas)} disagree: "
+                         f"pass only one of them")
+    return tied
 
 
 def check_backend(backend: Any) -> str:
@@ -102,8 +125,9 @@ def check_beta_for_state(beta: float, state_dtype: torch.dtype, where: str = "")
             f"(0.95 is the usual tied value) or state_dtype=torch.float32.")
 
 
-_STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16}
+# The state dtypes a group may name (JSON configs name them), and what they mean.
+STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16}
 
 
 def check_state_dtype(state_dtype: Any, where: str = "") -> torch.dtype:
@@ -112,9 +136,9 @@ def check_state_dtype(state_dtype: Any, where: str = "") -> torch.dtype:
         return torch.float32
     if isinstance(state_dtype, str):
         key = state_dtype.removeprefix("torch.")
-        if key in _STATE_DTYPES:
-            return _STATE_DTYPES[key]
-    elif state_dtype in (torch.float32, torch.bfloat16):
+        if key in STATE_DTYPES:
+            return STATE_DTYPES[key]
+    elif state_dtype in STATE_DTYPES.values():
         return state_dtype
     raise ValueError(f"Unsupported {where}state_dtype={state_dtype!r}: use torch.float32 "
                      f"(default) or torch.bfloat16 (or the strings 'float32', 'bfloat16')")
@@ -124,16 +148,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def state_dtype_for(param_dtype: torch.dtype, group: dict) -> torch.dtype:
+    """fp64 params keep fp64 state (as torch does); others the group's ``state_dtype``."""
+    if param_dtype == torch.float64:
+        return torch.float64
+    return STATE_DTYPES[group["state_dtype"]]
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def wants_master(param_dtype: torch.dtype, group: dict) -> bool:
+    return bool(group["master_weights"]) and param_dtype in LOW_PRECISION
+
+
 # Per-group options besides the hyperparameters, with their defaults (kept in defaults and in
 # every group, as torch keeps foreach/fused/capturable, so deepcopy, pickling and state_dict()
-# carry them).
-# The options a group's state and plans are made under (Note [what the kernel may trust], 6, in
-# plan.py: an edit of one of them converts the state as a load would).
+# carry them). STATE_OPTIONS are the ones a group's state and plans are made under
+# (Note [what the kernel may trust], 6, in verify.py: an edit converts the state as a load
+# would).
+FLAGS = ("capturable", "maximize", "master_weights", "stochastic_rounding",
+         "param_stochastic_rounding")
 STATE_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding",
                  "param_stochastic_rounding", "seed")
 OPTION_DEFAULTS = dict(capturable=False, maximize=False, master_weights=False,
                        state_dtype="float32", stochastic_rounding=True,
                        param_stochastic_rounding=False, seed=0)
+# Every key check_group reads but lr (a scheduler writes lr at every step: it is checked at
+# every step on its own), from the lists above: GroupRules re-checks a group when one of these
+# is another object than it validated.
+CHECKED_KEYS = ("beta", "betas", "eps", "weight_decay", "amsgrad") + FLAGS + ("state_dtype",
+                                                                             "seed")
 
 
 def _flag(group: dict, key: str, where: str) -> None:
@@ -160,8 +205,7 @@ def check_group(group: dict, where: str = "") -> None:
                          f"max of v that tied betas do not use, and ignoring it would train "
                          f"differently from the checkpoint's optimizer); load it into "
                          f"torch.optim.AdamW instead")
-    for key in ("capturable", "maximize", "master_weights", "stochastic_rounding",
-                "param_stochastic_rounding"):
+    for key in FLAGS:
         _flag(group, key, where)
     if group["maximize"]:
         raise ValueError(f"{where}maximize=True is not supported: TiedAdamW minimises; "
@@ -206,6 +250,98 @@ class TiedGroup(dict):
 
     def __reduce__(self):  # pickles (and deep-copies) as itself, without re-running __setitem__
         return (TiedGroup, (dict(self),))
+
+
+class GroupRules:
+    """The checks of a list of param groups at every step, and what they remember: the values
+    last validated per group (a group whose values are the very objects validated before is
+    not checked again; a tensor value, mutable in place, always is), the beta each group had
+    (which tells a ``beta`` edit from a ``betas`` edit), and the options each group's state was
+    made under (an edit marks the group, ``edited``, until its state is converted)."""
+
+    def __init__(self):
+        self.memo: dict[int, tuple | None] = {}  # id(group) -> (group, values validated)
+        self.beta_seen: dict[int, float] = {}
+        self.options_seen: dict[int, tuple] = {}  # id(group) -> (group, options)
+        self.edited: dict[int, dict] = {}  # id(group) -> group, until its state is converted
+
+    def reset(self) -> None:
+        """Forget what was validated (a load, a copy): the next step checks every group."""
+        self.memo.clear()
+        self.options_seen.clear()
+        self.edited.clear()
+
+    def added(self, group: dict) -> None:
+        """A group that was just validated (constructed, added, loaded)."""
+        self.beta_seen[id(group)] = group["beta"]
+        self.note_options(group)
+
+    def check(self, groups: list) -> bool:
+        """Validate every group (errors name the group); True when an option was edited since
+        the last check (then cached plans must go). lr is checked at every step."""
+        memo, edited = self.memo, False
+        for gi, group in enumerate(groups):
+            lr = group["lr"]
+            if type(lr) is not float or not 0.0 <= lr < math.inf:  # NaN fails both
+                check_lr(lr, f"param_groups[{gi}]: ")
+            seen = memo.get(id(group))
+            if seen is not None and seen[0] is group and all(
+                    map(is_, map(group.get, CHECKED_KEYS), seen[1])):
+                continue
+            where = f"param_groups[{gi}]: "
+            self.sync_beta(group, where)
+            check_group(group, where)
+            self.beta_seen[id(group)] = group["beta"]
+            edited |= self.note_options(group)
+            vals = tuple(map(group.get, CHECKED_KEYS))
+            memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
+        return edited
+
+    def check_options(self, groups: list) -> bool:
+        """Only the options (before a state_dict(): a pending edit is applied to the state
+        first); True when one was edited."""
+        edited = False
+        for gi, group in enumerate(groups):
+            seen = self.options_seen.get(id(group))
+            if seen is None or seen[0] is not group or seen[1] != tuple(
+                    map(group.get, STATE_OPTIONS)):
+                check_group(group, f"param_groups[{gi}]: ")
+                edited |= self.note_options(group)
+        return edited
+
+    def note_options(self, group: dict) -> bool:
+        """Record the group's options; True (and the group marked edited) when they differ
+        from those recorded before."""
+        opts = tuple(map(group.get, STATE_OPTIONS))
+        seen = self.options_seen.get(id(group))
+        self.options_seen[id(group)] = (group, opts)
+        if seen is not None and seen[0] is group and seen[1] != opts:
+            self.edited[id(group)] = group
+            return True
+        return False
+
+    def is_edited(self, group: dict) -> bool:
+        return self.edited.get(id(group)) is group
+
+    def sync_beta(self, group: dict, where: str) -> None:
+        """Keep ``beta`` and ``betas`` in step when a scheduler or the user edits one of them
+        (through ``dict.update``/``setdefault``, which bypass TiedGroup). The value last
+        validated tells which of the two was edited."""
+        beta, betas = group["beta"], group["betas"]
+        b1, b2 = beta_pair(betas, where)
+        if b1 != b2:
+            tied_beta_from_betas(betas, where)  # raises the untied-betas error
+        if b1 == beta:
+            return
+        seen = self.beta_seen.get(id(group))
+        if beta == seen:  # betas was edited
+            beta = check_beta(b1, where)
+        elif b1 == seen:  # beta was edited
+            beta = check_beta(beta, where)
+        else:
+            raise ValueError(f"{where}beta={beta} and betas={tuple(betas)} disagree: set one of "
+                             f"them (TiedAdamW keeps betas == (beta, beta))")
+        group["beta"], group["betas"] = beta, (beta, beta)
 
 
 def check_config_keys(adam_w_mode: Any = True, torch_adam: Any = None, amsgrad: Any = False,

@@ -1,4 +1,5 @@
-"""What one ``step()`` will touch, verified before anything is touched.
+"""Verification: what one ``step()`` will touch, checked before anything is touched, and the
+state it creates or converts.
 
 Note [what the kernel may trust]
 --------------------------------
@@ -12,8 +13,8 @@ the same. So before any launch, every step, for every parameter with a grad:
    cannot walk in place is copied into the param's walk layout for this step: handled, not
    refused. That is a grad whose strides differ from the walk order (a transposed grad, the
    stride-0 ``expand`` autograd returns for a param used through ``.sum()``), a grad with the
-   negative or conjugate bit set (``torch._neg_view``: its memory holds the negated values),
-   and a tensor subclass without storage of its own (a wrapper subclass: ``copy_`` dispatches
+   negative or conjugate bit set (``x.conj().imag`` of a complex x: its memory holds the
+   negated values), and a tensor subclass without storage of its own (a wrapper subclass: ``copy_`` dispatches
    to it, as torch's own AdamW would).
 2. **Param layout.** A param that is non-overlapping and dense (contiguous, channels_last, any
    permutation) is walked in its own storage order; every role must then have *the same
@@ -63,37 +64,25 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .shards import local_tensor
+from .._compat import is_dtensor, local_tensor
+from .group_rules import LOW_PRECISION, STATE_DTYPES, state_dtype_for, wants_master
 
 MASTER_KEY = "master_param"
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # group["state_dtype"]
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class Entry(NamedTuple):
-    """One parameter of one step, as the backends will see it (local shards)."""
+    """One parameter of one step, verified, as the backends will see it."""
     group: int
     position: int  # index in its group's params
-    source: Tensor  # the Parameter (or DTensor) that holds .grad
-    param: Tensor  # what the kernel updates: the local shard, or a contiguous working copy
-    grad: Tensor  # in the param's walk layout
+    param: Tensor  # the Parameter (or DTensor) that holds .grad and keys the state
+    local: Tensor  # what the kernel updates: its local shard, or a contiguous working copy
+    grad: Tensor  # the grad in the walk layout (the user's, or a copy of it)
     exp_avg: Tensor
     exp_avg_sq: Tensor
     master: Tensor | None
     step: Tensor
-    writeback: Tensor | None  # the non-dense param to copy ``param`` back into, if any
-    grad_out: Tensor | None  # the user's grad, when ``grad`` is a layout copy of it
-
-
-def state_dtype_for(param_dtype: torch.dtype, group: dict) -> torch.dtype:
-    """fp64 params keep fp64 state (as torch does); others the group's ``state_dtype``."""
-    if param_dtype == torch.float64:
-        return torch.float64
-    return _STATE_DTYPES[group["state_dtype"]]
-
-
-def wants_master(param_dtype: torch.dtype, group: dict) -> bool:
-    return bool(group["master_weights"]) and param_dtype in LOW_PRECISION
+    write_back_to: Tensor | None  # the non-dense local param ``local`` is a working copy of
+    user_grad: Tensor | None  # the user's grad, where ``grad`` is a copy of it
 
 
 def _name(gi: int, i: int, p: Tensor) -> str:
@@ -151,7 +140,7 @@ def _check_memory(what: str, t: Tensor, fix: str) -> None:
     if _has_bits(t):
         bit = "negative" if t.is_neg() else "conjugate"
         raise RuntimeError(f"{what} has the {bit} bit set (its memory holds other values "
-                           f"than it reads, e.g. a torch._neg_view): the kernel updates memory; "
+                           f"than it reads, e.g. x.conj().imag): the kernel updates memory; "
                            f"{fix}")
     storage = storage_of(t)
     if storage is None:
@@ -165,10 +154,6 @@ def _check_memory(what: str, t: Tensor, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------- grads
-def _is_dtensor(t) -> bool:
-    return hasattr(t, "_local_tensor")
-
-
 def check_grad(gi: int, i: int, p: Tensor, g: Tensor) -> None:
     """Raise the error that explains why ``g`` cannot be used as the grad of ``p``."""
     name = _name(gi, i, p)
@@ -181,13 +166,13 @@ def check_grad(gi: int, i: int, p: Tensor, g: Tensor) -> None:
                            f"it must match the param ({tuple(p.shape)}, {p.dtype})")
     if g.device != p.device:
         raise RuntimeError(f"grad of {name} is on {g.device}, the param on {p.device}")
-    if _is_dtensor(p) != _is_dtensor(g):
-        kinds = ("a DTensor", "a plain tensor") if _is_dtensor(p) else ("a plain tensor",
+    if is_dtensor(p) != is_dtensor(g):
+        kinds = ("a DTensor", "a plain tensor") if is_dtensor(p) else ("a plain tensor",
                                                                          "a DTensor")
         raise RuntimeError(f"grad of {name} is {kinds[1]}, the param {kinds[0]}: the kernel "
                            f"steps the param's local shard with the grad's, so both must be "
                            f"DTensors with the same placements, or both plain tensors")
-    if _is_dtensor(p) and (g.device_mesh != p.device_mesh or
+    if is_dtensor(p) and (g.device_mesh != p.device_mesh or
                            tuple(g.placements) != tuple(p.placements)):
         raise RuntimeError(
             f"grad of {name} is a DTensor with placements {tuple(g.placements)} on "
@@ -232,7 +217,7 @@ def _check_role(gi: int, i: int, p: Tensor, local: Tensor, role: str, t, dtype: 
     if not isinstance(t, Tensor):
         raise RuntimeError(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)} is "
                            f"{type(t).__name__}, not a tensor; {_RESET}")
-    if _is_dtensor(t) != _is_dtensor(p) or _is_dtensor(t) and (
+    if is_dtensor(t) != is_dtensor(p) or is_dtensor(t) and (
             t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements)):
         raise RuntimeError(f"optimizer.state[p][{role!r}] of {_name(gi, i, p)} is not sharded "
                            f"as the parameter is (DTensor placements must match); {_RESET}")
@@ -275,7 +260,7 @@ def _check_step(gi: int, i: int, p: Tensor, local: Tensor, t) -> Tensor:
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill exactly ``numel`` consecutive slots in some
     dimension order (contiguous, channels_last, any permutation). torch's own test of this is
-    private (``torch._prims_common``, renamed between releases)."""
+    private (in torch's prims helpers, renamed between releases)."""
     if t.is_contiguous():
         return True
     expected = 1
@@ -285,6 +270,14 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def work_copy(local: Tensor, strides: tuple) -> Tensor:
+    """A contiguous working copy of a param that cannot be walked in place (Note [what the
+    kernel may trust], 2); written back after the launch."""
+    work = torch.empty_strided(local.shape, strides, dtype=local.dtype, device=local.device)
+    work.copy_(local)
+    return work
 
 
 def walk_strides(local: Tensor) -> tuple[tuple, bool]:
@@ -358,9 +351,8 @@ def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry
                            f"freed or shrunk, e.g. untyped_storage().resize_(0)?)")
     if in_place:
         return Entry(gi, i, p, local, g_walk, m, v, master, step, None, grad_out)
-    work = torch.empty_strided(local.shape, strides, dtype=local.dtype, device=local.device)
-    work.copy_(local)
-    return Entry(gi, i, p, work, g_walk, m, v, master, step, local, grad_out)
+    return Entry(gi, i, p, work_copy(local, strides), g_walk, m, v, master, step, local,
+                 grad_out)
 
 
 # ---------------------------------------------------------------------- creating state
@@ -371,9 +363,9 @@ def cast_state(p: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
     local = local_tensor(p)
     _, in_place = walk_strides(local)
     fmt = torch.preserve_format if in_place else torch.contiguous_format
-    if _is_dtensor(v):
+    if is_dtensor(v):
         return v.detach().to(device=p.device, dtype=dtype, copy=True)
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
         out.copy_(v.detach())  # the param's walk layout, whatever the saved strides
         return out
@@ -416,7 +408,7 @@ def apply_options(p: Tensor, st: dict, group: dict) -> dict:
         for k in ("exp_avg", "exp_avg_sq"):
             v = st.get(k)
             if (isinstance(v, Tensor) and v.dtype != new
-                    and v.dtype in _STATE_DTYPES.values()):
+                    and v.dtype in STATE_DTYPES.values()):
                 out = dict(out) if out is st else out
                 out[k] = cast_state(p, v, new)
     if local.dtype in LOW_PRECISION and MASTER_KEY in out and not wants_master(local.dtype,
@@ -427,3 +419,25 @@ def apply_options(p: Tensor, st: dict, group: dict) -> dict:
         out = dict(out) if out is st else out
         init_master(p, out, group)
     return out
+
+
+def check_saved_state(p: Tensor, k, saved: dict) -> None:
+    """Refuse saved state that cannot belong to ``p`` (load_state_dict, before anything is
+    loaded)."""
+    for n in ("exp_avg", "exp_avg_sq", MASTER_KEY):
+        v = saved.get(n)
+        if v is None:
+            continue
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise ValueError(f"state_dict['state'][{k!r}][{n!r}] is not a floating-point "
+                             f"tensor ({type(v).__name__})")
+        if v.shape != p.shape:
+            raise ValueError(
+                f"state_dict['state'][{k!r}][{n!r}] has shape {tuple(v.shape)}, but the "
+                f"parameter it maps to has shape {tuple(p.shape)}: the state dict was saved "
+                f"for another model (or another parameter order)")
+    t = saved.get("step")
+    if t is not None and not (isinstance(t, (int, float)) or
+                              (isinstance(t, Tensor) and t.numel() == 1)):
+        raise ValueError(f"state_dict['state'][{k!r}]['step'] must be a number or a "
+                         f"one-element tensor")

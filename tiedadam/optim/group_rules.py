@@ -252,6 +252,28 @@ class TiedGroup(dict):
         return (TiedGroup, (dict(self),))
 
 
+def check_params(params: list, where: str) -> None:
+    """A group's params: real floating point, each listed once ((name, param) pairs from
+    ``named_parameters()`` are taken as their param)."""
+    seen = set()
+    for i, p in enumerate(params):
+        p = p[1] if isinstance(p, tuple) else p
+        if isinstance(p, Tensor):
+            if p.is_complex():
+                raise ValueError(f"{where}params[{i}] is complex ({p.dtype}): TiedAdamW "
+                                 f"supports real floating-point params; view it with "
+                                 f"torch.view_as_real first")
+            if not p.is_floating_point():
+                raise ValueError(f"{where}params[{i}] has dtype {p.dtype}: only floating-"
+                                 f"point params can be optimized")
+            if id(p) in seen:
+                # torch warns and steps it twice; one launch would update it twice at once
+                raise ValueError(f"{where}params[{i}] appears twice in the group: list "
+                                 f"each parameter once (torch.optim warns that this will "
+                                 f"become an error)")
+            seen.add(id(p))
+
+
 class GroupRules:
     """The checks of a list of param groups at every step, and what they remember: the values
     last validated per group (a group whose values are the very objects validated before is

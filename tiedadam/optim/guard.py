@@ -84,6 +84,7 @@ from .. import _compat
 from .._compat import LOCAL as _LOCAL
 from .._compat import SPEC as _SPEC
 from .._compat import is_dtensor, local_tensor
+from .step_inputs import StepInputs
 from .verify import MASTER_KEY, layout_grad, walk_reach, work_copy
 
 _SHAPE = attrgetter("shape")
@@ -171,7 +172,6 @@ class Guard:
         """This step's inputs (``step_plan.StepInputs``: grads in the walk layout, working
         copies, the user's grads that were copied) if everything the plan trusts still holds;
         else None."""
-        from .step_plan import StepInputs
         fast = None if self.fast is None else self._fast_holds(state, grads)
         self.took_full = fast is None
         if fast is not None:

@@ -8,9 +8,7 @@ the buckets trust still holds. ``StepPlans`` owns the plans of one optimizer (an
 the step's params and groups), their build, and the rounding stream keys their buckets carry.
 
 Each step also has inputs that are not part of a plan, because they are fresh every step:
-``StepInputs`` holds them (the grads as the kernel walks them, the working copies of non-dense
-params, the user's grads where those were copied) and finishes the step (writes the copies
-back, hands AMP's unscaled grads to the user).
+``step_inputs.StepInputs`` (made by the build, or by the guard when a plan is reused).
 """
 
 from __future__ import annotations
@@ -18,38 +16,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from torch import Tensor
 
 from ..kernels.layout import TELEMETRY_WIDTH
 from . import verify as V
 from .bucket import MAX_CACHED, Bucket
 from .guard import Guard
 from .rng import StreamKeys
-
-
-class StepInputs:
-    """One step's inputs beside its plan."""
-    __slots__ = ("grads", "copies", "user_grads")
-
-    def __init__(self, grads: list, copies: dict | None = None,
-                 user_grads: dict | None = None):
-        self.grads = grads  # per entry, in its walk layout (the user's grad or a copy of it)
-        self.copies = copies or {}  # entry -> working copy of a non-dense param
-        self.user_grads = user_grads or {}  # entry -> the user's grad that grads[j] copies
-
-    def finish(self, entries: list, grad_scale: Tensor | None) -> None:
-        """After the launches: working copies written back into their params; with AMP, the
-        unscaled grad (Note [amp] in the kernel) where the user's grad can hold it, else in
-        place of it (an expanded grad, one with the negative bit, a subclass)."""
-        for j, work in self.copies.items():
-            entries[j].write_back_to.copy_(work)
-        if grad_scale is None:
-            return
-        for j, user in self.user_grads.items():
-            if V.writes_back_in_place(user):
-                user.copy_(self.grads[j])
-            elif entries[j].param.grad is user:
-                entries[j].param.grad = self.grads[j]
+from .step_inputs import StepInputs
 
 
 class StepPlan:

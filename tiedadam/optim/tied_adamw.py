@@ -22,15 +22,12 @@ from torch.optim import Optimizer
 from .. import _compat
 from .._compat import local_tensor
 from ..kernels.runtime import triton_unavailable_reason
+from . import checkpoint
 from . import group_rules as R
-from . import verify as V
 from .backends import Backends
-from .step_plan import StepPlans
+from .step_plan import StepPlans, verify_step
 from .telemetry import TelemetryLog
 
-# State keys this optimizer owns; named as torch.optim.AdamW names them so checkpoints move
-# between the two in both directions.
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _PARAMS = itemgetter("params")
 _GRAD = attrgetter("grad")
 
@@ -173,7 +170,6 @@ class TiedAdamW(Optimizer):
             self._commit_option_edits()
 
     def _commit_option_edits(self) -> None:
-        from .step_plan import verify_step
         verify_step(self.param_groups, self.state, self._rules, [], self._backends)
 
     def state_dict(self) -> dict:
@@ -235,23 +231,7 @@ class TiedAdamW(Optimizer):
         R.check_group(group, where)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        seen = set()
-        for i, p in enumerate(params):
-            p = p[1] if isinstance(p, tuple) else p  # (name, param) from named_parameters()
-            if isinstance(p, Tensor):
-                if p.is_complex():
-                    raise ValueError(f"{where}params[{i}] is complex ({p.dtype}): TiedAdamW "
-                                     f"supports real floating-point params; view it with "
-                                     f"torch.view_as_real first")
-                if not p.is_floating_point():
-                    raise ValueError(f"{where}params[{i}] has dtype {p.dtype}: only floating-"
-                                     f"point params can be optimized")
-                if id(p) in seen:
-                    # torch warns and steps it twice; one launch would update it twice at once
-                    raise ValueError(f"{where}params[{i}] appears twice in the group: list "
-                                     f"each parameter once (torch.optim warns that this will "
-                                     f"become an error)")
-                seen.add(id(p))
+        R.check_params(params, where)
         group["params"] = params
         super().add_param_group(R.TiedGroup(group))
         self._rules.added(self.param_groups[-1])
@@ -305,68 +285,13 @@ class TiedAdamW(Optimizer):
         saved group lacks (a torch.optim.AdamW checkpoint has no ``state_dtype``) keep their
         current values. Unlike torch's loader, which casts every float state to the param dtype,
         exp_avg and exp_avg_sq get the group's state dtype (fp32 by default, also for bf16
-        params; fp64 for fp64 params).
+        params; fp64 for fp64 params); master weights are made or dropped as the group says
+        (checkpoint.py).
         """
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, this "
-                             f"optimizer has {len(self.param_groups)}")
-        saved_groups = []
-        for i, (g, current) in enumerate(zip(groups, self.param_groups)):
-            where = f"state_dict['param_groups'][{i}]: "
-            # A saved group may lack keys: torch.optim.AdamW has no state_dtype or seed, and
-            # torch's FSDP1 optimizer-state conversion drops all keys of a group that is empty
-            # on this rank. Keep the current values then (torch's AdamW would fail with
-            # KeyError: 'lr' at its next step). beta and betas are one setting: a saved
-            # betas=(0.9, 0.9) replaces the current beta.
-            keep = {k: v for k, v in current.items() if k not in g and k != "params"}
-            if "beta" in g or "betas" in g:
-                keep.pop("beta", None)
-                keep.pop("betas", None)
-            merged = {**keep, **g}
-            merged["beta"] = R.resolve_beta(merged.get("beta", R.UNSET),
-                                            merged.get("betas"), where)
-            R.check_group(merged, where)
-            if len(merged["params"]) != len(current["params"]):
-                raise ValueError(f"{where}holds {len(merged['params'])} parameters, this "
-                                 f"optimizer's group {len(current['params'])}")
-            saved_groups.append(merged)
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, params))
-        group_of = {k: g for g in saved_groups for k in g["params"]}
-        own = {}
-        stripped = {}
-        for k, s in state_dict["state"].items():
-            own[k] = {n: s[n] for n in STATE_KEYS + (V.MASTER_KEY,) if n in s}
-            stripped[k] = {n: v for n, v in s.items() if n not in own[k]}
-            if k in id_map:
-                V.check_saved_state(id_map[k], k, own[k])
-        super().load_state_dict({**state_dict, "param_groups": saved_groups, "state": stripped})
-        for k, tensors in own.items():
-            if k not in id_map:
-                continue
-            p = id_map[k]
-            state = self.state[p]
-            group = group_of[k]
-            for n, v in tensors.items():
-                if n == V.MASTER_KEY and not R.wants_master(local_tensor(p).dtype, group):
-                    continue  # saved with master weights, loaded into a group without: the
-                    # param holds the rounded master (Note [what the kernel may trust], 6)
-                state[n] = self._cast_loaded(p, n, v, group)
-            if not state:
-                del self.state[p]
-            else:  # a checkpoint without master weights: start from the params
-                V.init_master(p, state, group)
+        groups, params_of, own, rest = checkpoint.split(state_dict, self.param_groups)
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": rest})
+        checkpoint.restore(self.state, own, params_of, groups)
         self._invalidate()
-
-    def _cast_loaded(self, p: Tensor, name: str, v: Any, group: dict) -> Tensor:
-        local = local_tensor(p)
-        if name == "step":
-            v = v if isinstance(v, Tensor) else torch.tensor(float(v))
-            return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
-        dtype = torch.float32 if name == V.MASTER_KEY else R.state_dtype_for(local.dtype, group)
-        return V.cast_state(p, v, dtype)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

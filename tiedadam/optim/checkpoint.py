@@ -1,0 +1,93 @@
+"""Loading a checkpoint: a TiedAdamW or torch.optim.AdamW(betas=(b, b)) state dict into a
+TiedAdamW, every refusal before anything is loaded. State keys are torch's (``step``,
+``exp_avg``, ``exp_avg_sq``; ``master_param`` with master weights), so checkpoints move between
+the two optimizers both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._compat import local_tensor
+from . import group_rules as R
+from . import verify as V
+
+# State keys this optimizer owns; named as torch.optim.AdamW names them.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def split(state_dict: dict, current_groups: list) -> tuple:
+    """Check ``state_dict`` against the optimizer's groups, before anything is loaded: (the
+    groups to load, saved id -> param, {saved id: TiedAdamW's state tensors}, {saved id: any
+    other state}, which torch's loader takes as it is)."""
+    groups = state_dict["param_groups"]
+    if len(groups) != len(current_groups):
+        raise ValueError(f"loaded state dict has {len(groups)} parameter groups, this "
+                         f"optimizer has {len(current_groups)}")
+    merged_groups = [merge_group(g, current, i)
+                     for i, (g, current) in enumerate(zip(groups, current_groups))]
+    saved_ids = [i for g in merged_groups for i in g["params"]]
+    params = [p for g in current_groups for p in g["params"]]
+    params_of = dict(zip(saved_ids, params))
+    own, rest = {}, {}
+    for k, s in state_dict["state"].items():
+        own[k] = {n: s[n] for n in STATE_KEYS + (V.MASTER_KEY,) if n in s}
+        rest[k] = {n: v for n, v in s.items() if n not in own[k]}
+        if k in params_of:
+            V.check_saved_state(params_of[k], k, own[k])
+    return merged_groups, params_of, own, rest
+
+
+def merge_group(g: dict, current: dict, i: int) -> dict:
+    """A saved group with the keys it lacks taken from the current one, checked."""
+    where = f"state_dict['param_groups'][{i}]: "
+    # A saved group may lack keys: torch.optim.AdamW has no state_dtype or seed, and torch's
+    # FSDP1 optimizer-state conversion drops all keys of a group that is empty on this rank.
+    # Keep the current values then (torch's AdamW would fail with KeyError: 'lr' at its next
+    # step). beta and betas are one setting: a saved betas=(0.9, 0.9) replaces the current
+    # beta.
+    keep = {k: v for k, v in current.items() if k not in g and k != "params"}
+    if "beta" in g or "betas" in g:
+        keep.pop("beta", None)
+        keep.pop("betas", None)
+    merged = {**keep, **g}
+    merged["beta"] = R.resolve_beta(merged.get("beta", R.UNSET), merged.get("betas"), where)
+    R.check_group(merged, where)
+    if len(merged["params"]) != len(current["params"]):
+        raise ValueError(f"{where}holds {len(merged['params'])} parameters, this "
+                         f"optimizer's group {len(current['params'])}")
+    return merged
+
+
+def restore(state, own: dict, params_of: dict, groups: list) -> None:
+    """TiedAdamW's state tensors into ``state`` (the optimizer's, torch's loader has filled the
+    rest), cast to what each param's group says (Note [what the kernel may trust], 6, in
+    verify.py)."""
+    group_of = {k: g for g in groups for k in g["params"]}
+    for k, tensors in own.items():
+        if k not in params_of:
+            continue
+        p = params_of[k]
+        st = state[p]
+        group = group_of[k]
+        for n, v in tensors.items():
+            if n == V.MASTER_KEY and not R.wants_master(local_tensor(p).dtype, group):
+                continue  # saved with master weights, loaded into a group without: the
+                # param holds the rounded master
+            st[n] = cast_loaded(p, n, v, group)
+        if not st:
+            del state[p]
+        else:  # a checkpoint without master weights: start from the params
+            V.init_master(p, st, group)
+
+
+def cast_loaded(p: Tensor, name: str, v: Any, group: dict) -> Tensor:
+    """A saved state tensor as this optimizer keeps it for ``p``."""
+    local = local_tensor(p)
+    if name == "step":
+        v = v if isinstance(v, Tensor) else torch.tensor(float(v))
+        return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
+    dtype = torch.float32 if name == V.MASTER_KEY else R.state_dtype_for(local.dtype, group)
+    return V.cast_state(p, v, dtype)

@@ -1,5 +1,6 @@
 """What every perf script records: versions, the machine (pynvml for the GPU's own view), and
-its JSON output. Only the public tiedadam API is used by the scripts."""
+its JSON output. The scripts use tiedadam's public API, except where they measure the kernel itself
+(bench_host.py replaces its launch with a no-op; kernel_report.py and sass.py compile it)."""
 
 from __future__ import annotations
 

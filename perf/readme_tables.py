@@ -1,7 +1,7 @@
-"""Regenerate README.md's result tables from committed results files, so that every figure in
-the README is traceable to a JSON file that a real run wrote.
+"""Regenerate the result tables of README.md and docs/performance.md from committed results
+files, so that every figure there is traceable to a JSON file that a real run wrote.
 
-    python perf/readme_tables.py [--readme README.md] [--check]
+    python perf/readme_tables.py [--check]
 
 Blocks between ``<!-- BEGIN:name -->`` and ``<!-- END:name -->`` are replaced; a block whose
 results file is missing says so instead of showing numbers.
@@ -178,6 +178,69 @@ def host_table(rel) -> str:
     return "\n".join(lines) + "\n\n" + machine_line({"machine_before": d["machine"], **d})
 
 
+def summary_table() -> str:
+    """README's one performance table: a line per result file, each figure read from it."""
+    rows = ["| measured | figure | machine, commit | from |", "|---|---|---|---|"]
+
+    def where(d):
+        m = d.get("machine_before") or d.get("machine") or {}
+        gpu = m.get("gpu")
+        c = d.get("versions", {}).get("commit")
+        return (f"{gpu.get('name', 'GPU') if gpu else 'CPU, ' + str(m.get('cpu_cores', '?')) + ' cores'}"
+                f", {c or 'commit not recorded'}")
+    step = newest_gpu_run("bench_step.json")
+    if step is None:
+        rows.append("| optimizer step on a GPU (kernel and step time, fresh grads) | not yet run "
+                    "on the current code | – | [history](perf/results/h200/README.md) |")
+    else:
+        d = _load(step)
+        r = next((x for x in d["results"] if x["workload"] == "llama"
+                  and x["provider"] == "tiedadam" and x.get("grads") == "fresh"), None)
+        if r is not None and r.get("kernel_s"):
+            rows.append(f"| TinyLlama-1.1B list, fresh grads: kernel % of copy, step vs torch "
+                        f"fused | {r['pct_of_copy_bw']:.0f} %, {r['speedup_vs_torch_fused']:.2f}× | "
+                        f"{where(d)} | [{step}]({step}) |")
+    k = _load("perf/results/kernel_report.json")
+    if k is not None:
+        v = k["variants"]
+        ipe = [x["loop"]["instructions_per_element"] for x in v]
+        c = k["versions"].get("commit") or "commit not recorded"
+        rows.append(f"| kernel, {len(v)} variants (static sm_90 compile) | ≤ "
+                    f"{max(x['registers'] for x in v)} registers, "
+                    f"{max(x['spill_bytes'] for x in v)} spill bytes, {min(ipe)}–{max(ipe)} "
+                    f"instructions/element, {sum(not x['misses'] for x in v)}/{len(v)} meet "
+                    f"every target | no GPU needed, {c} | [kernel_report.json]"
+                    f"(perf/results/kernel_report.json) |")
+    h = _load("perf/results/cpu/bench_host.json")
+    if h is not None:
+        t = next(r for r in h["results"] if r["workload"] == "table-fresh"
+                 and r["kind"] == "tiedadam")
+        rows.append(f"| host time of `step()`, 500 tensors, fresh grads | {t['median_us']:,.0f} µs "
+                    f"({h['ratios']['table_fresh_over_floor']:.1f}× reading every `.grad`; "
+                    f"torch fused {h['ratios']['torch_fused_over_table_fresh']:.1f}× more) | "
+                    f"{where(h)} | [bench_host.json](perf/results/cpu/bench_host.json) |")
+    o = _load("perf/results/cpu/bench_offload.json")
+    if o is not None:
+        rs = o["results"]
+        sr = [r["speedup_vs_deepspeed_cpu_adam"] for r in rs if r["provider"] == "tiedadam-bf16-sr"]
+        b16 = next(r for r in rs if r["provider"] == "tiedadam-bf16-sr")
+        f32 = next(r for r in rs if r["provider"] == "tiedadam")
+        rows.append(f"| ZeRO-Offload CPU step, bf16 moments (stochastic rounding) | "
+                    f"{b16['state_bytes_per_param']:.0f} B/param of host state (fp32 moments: "
+                    f"{f32['state_bytes_per_param']:.0f}); {min(sr):.2f}–{max(sr):.2f}× "
+                    f"DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
+                    f"(perf/results/cpu/bench_offload.json) |")
+    q = _load("perf/results/cpu/precision_study.json")
+    if q is not None:
+        gaps = {x["mode"]: x["val_gap_vs_fp32"] for x in q["summary"] if x["mode"] != "fp32"}
+        near = {m: g for m, g in gaps.items() if m != "pure-bf16-nearest"}
+        rows.append(f"| precision modes, val loss − fp32 states (small LM) | "
+                    f"{min(near.values()):+.4f} … {max(near.values()):+.4f}; pure bf16 rounded "
+                    f"to nearest {gaps.get('pure-bf16-nearest', 0):+.4f} | "
+                    f"{where(q)} | [precision_study.json](perf/results/cpu/precision_study.json) |")
+    return "\n".join(rows)
+
+
 GPU = "perf/results/h200"
 
 
@@ -228,7 +291,10 @@ BLOCKS = {
     "gpu_step": lambda: gpu_block("bench_step.json", step_table),
     "gpu_variants": lambda: gpu_block("bench_variants.json", variants_table),
     "gpu_train": lambda: gpu_block("bench_train.json", train_table),
+    "summary": summary_table,
 }
+# where the blocks are: the README (summary, precision study) and the full tables' page
+DOCUMENTS = ("README.md", "docs/performance.md")
 
 
 def render(text: str) -> str:
@@ -240,20 +306,25 @@ def render(text: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
-    ap.add_argument("--check", action="store_true", help="exit 1 if README is out of date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a document is out of date")
     args = ap.parse_args(argv)
-    with open(args.readme) as f:
-        old = f.read()
-    new = render(old)
-    if args.check:
-        if new != old:
-            print("README.md tables are out of date: run python perf/readme_tables.py")
-            return 1
-        return 0
-    with open(args.readme, "w") as f:
-        f.write(new)
-    print("README.md tables regenerated")
+    stale = []
+    for rel in DOCUMENTS:
+        path = os.path.join(ROOT, rel)
+        with open(path) as f:
+            old = f.read()
+        new = render(old)
+        if new == old:
+            continue
+        if args.check:
+            stale.append(rel)
+        else:
+            with open(path, "w") as f:
+                f.write(new)
+            print(f"{rel}: tables regenerated")
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run python perf/readme_tables.py")
+        return 1
     return 0
 
 

@@ -39,9 +39,21 @@ def test_readme_tables_match_committed_results():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_readme_links_point_into_the_repository():
-    readme = read("README.md") + read("perf", "README.md") + read("docs", "design.md")
-    assert "DESIGN.md" not in readme
-    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", read("README.md")):
-        if "://" not in target:
-            assert os.path.exists(os.path.join(ROOT, target)), target
+DOCS = ["README.md", "perf/README.md", "docs/design.md", "docs/kernel.md",
+        "docs/integrations.md", "docs/performance.md", "perf/results/h200/README.md"]
+
+
+def test_readme_and_docs_links_point_into_the_repository():
+    for doc in DOCS:
+        text = read(doc)
+        assert "DESIGN.md" not in text and "../shared" not in text, doc
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target))
+                assert os.path.exists(path), (doc, target)
+
+
+def test_readme_is_for_users():
+    """README for users (how to install, use, configure; one performance table), at most 300
+    lines; the rest is in docs/."""
+    assert len(read("README.md").splitlines()) <= 300

@@ -1,5 +1,5 @@
 """Every input either works exactly like torch.optim.AdamW(betas=(b, b), foreach=False) or is
-refused before anything changes (Note [what the kernel may trust] in tiedadam/optim/plan.py).
+refused before anything changes (Note [what the kernel may trust] in tiedadam/optim/verify.py).
 One test per case a user hits; both backends (Triton in its interpreter, and torch)."""
 
 from __future__ import annotations

@@ -11,15 +11,14 @@ torch/_inductor/codegen/cpp.py) has no method for it, so every bit cast falls ba
 the 8-element tile the compiler mostly sees through that; at the 16-element tile that bf16
 loads and stores want (Note [cpu tiling] in tied_adamw_cpu.py) it does not, and stochastic
 rounding had to stay at 8 wide, where each bf16 load and store goes through a half vector. The
-8-wide tile, not the hash or the casts, was the cost (20M elements, 2 threads, the same run:
-round to nearest 8 wide 27.8 ms, 16 wide 15.6-18.6; stochastic 8 wide 36.2-38.8 ms).
+8-wide tile, not the hash or the casts, was the cost.
 
 ATen's vector library has the operation: ``at::vec::cast<int32_t>(Vectorized<float>)`` is a
 reinterpretation of the lanes (one register move on AVX2/AVX-512, a store and load in the
 generic fallback), and a 16-element tile is a ``VectorizedN`` of two such vectors. While
 ``vector_codegen()`` is active, a bit cast between 32-bit types in vector code is written as
-that; everything else goes to inductor's own method. Stochastic rounding at 16 wide, same run:
-22.7-23.9 ms against 36.2-38.8 at 8 wide.
+that; everything else goes to inductor's own method. Stochastic rounding then runs at the
+16-wide tile too (perf/bench_offload.py measures the step).
 
 Note [vector arange]
 --------------------
@@ -28,10 +27,8 @@ it as ``VectorizedN<int32_t,2>::arange(x0, 1)``, and ATen builds that vector fro
 (``base + i * step``: an address add and a lane insert each, some through the stack). While
 ``vector_codegen()`` is active, an integer arange is written as ``VectorizedN(x0) +
 VectorizedN::arange(0, 1)``: one broadcast and one add, the arange of constants folded to one
-constant by the C++ compiler; the same integers, wrapping alike. The stochastic step's main
-loop (16 elements, AVX2) went from 241 instructions to 226 (round to nearest: 125). Measured on
-the 2-core dev VM, 50M elements, the same run, 30 steps each in rotation: 54.3 against 56.7 ms
-median (DeepSpeedCPUAdam 50.2, round to nearest 41.0).
+constant by the C++ compiler; the same integers, wrapping alike: a few instructions fewer per
+16 elements in the stochastic step's main loop.
 
 Note [codegen key]
 ------------------

@@ -32,8 +32,8 @@ the canonical 0x7FFFFFFF for every NaN (Note [bf16 rounding] in tied_adamw.py). 
 instead passes an input NaN's sign and payload on: with that minimum, a grad holding 0xFFFFFFFF
 made the moments +0.0 (and the torch-op path, optim/torch_backend.py, had no guard at all: the
 GPU's NaN became -0.0 there). Both now round through one function, ``round_bf16``
-(bf16_round.py), which makes every NaN 0x7FC00000 before the noise (a compare and a select per
-value: 230 instead of 226 instructions per 16 elements). tests/test_cpu_step.py feeds such NaNs
+(bf16_round.py), which makes every NaN 0x7FC00000 before the noise (a vector compare and a
+select per value). tests/test_cpu_step.py feeds such NaNs
 through both and NaN grads through the compiled step.
 
 Note [cpu compile]
@@ -43,9 +43,9 @@ mode compiles a function of its own, a copy of ``tied_adamw_step``'s code: dynam
 recompilations per code object and fails at 8 (``recompile_limit``; ``fullgraph=True`` makes
 that an error), and the modes of one process (the test suite runs a dozen) with their variants
 (grad mode, requires_grad, size-1 tensors) would reach it on one code object. The
-first call of a mode in a process compiles (tens of seconds on a 2-core machine; inductor
-caches the C++ on disk, so later processes load it in seconds); ``compile_seconds`` records
-what each mode cost, for the benchmarks to report. Without a working C++ compiler the caller
+first call of a mode in a process compiles (inductor caches the C++ on disk, so later processes
+load it quickly); ``compile_seconds`` records what each mode cost, for the benchmarks to
+report (perf/bench_offload.py). Without a working C++ compiler the caller
 falls back to torch ops (``optim/torch_backend.py``), warning once.
 
 Note [cpu fallback]
@@ -64,8 +64,7 @@ Note [compile threads]
 Inductor writes the OpenMP loop only when the process has more than one thread at compile time,
 and its on-disk cache does not key on the thread count: a step compiled in a 1-thread process
 (a test run under OMP_NUM_THREADS=1) is loaded, serial, by a later 2-thread process with the
-same cache directory. Measured on the 2-core dev VM: 2.5 ns per element instead of 1.4 for the
-bf16-state step. Set the thread count before the first step (DeepSpeed does), and keep test
+same cache directory, and runs several times slower. Set the thread count before the first step (DeepSpeed does), and keep test
 runs and training runs in different TORCHINDUCTOR_CACHE_DIRs. perf/bench_offload.py compiles in
 a fresh cache directory for this reason.
 
@@ -75,33 +74,32 @@ Inductor picks its vector tile from the fp32 width (8 elements on AVX2) unless *
 the fused kernel involves a 16-bit type; then 16 (``TilingSelect.select_tiling`` in
 torch/_inductor/codegen/cpp.py). At 8, each bf16 load and store moves half a vector through a
 stack buffer, and the bf16-state step (20 bytes per element) ran slower than torch's fused fp32
-step (28): 27 ms against 19.8 for 20M elements on the 2-core dev VM.
+step (28 bytes).
 
 The node that held the tile at 8 was a copy. ``p.copy_(new_p)`` on an input that the new value
 also reads is lowered as a computed buffer plus a pure copy into the input, and for an fp32
-param that copy touches nothing but fp32. A foreach copy (``_compat.foreach_copy_``) of all outputs at once is
-lowered differently: inductor writes each computed value straight into its input (no copy
-node, the path torch.optim's compiled foreach step takes), so every node reads a bf16 moment
-and the tile is 16. Measured (``tied_adamw_step`` at 50M, the same run, steps in rotation):
-nearest rounding 41.7 ms against torch's fused fp32 46.7 ms.
+param that copy touches nothing but fp32. A foreach copy (``_compat.foreach_copy_``) of all
+outputs at once is lowered differently: inductor writes each computed value straight into its
+input (no copy node, the path torch.optim's compiled foreach step takes), so every node reads a
+bf16 moment and the tile is 16; round to nearest then beats torch's fused fp32 step, as its
+bytes say it should.
 
 Stochastic rounding's int32/fp32 bit casts have no vector form in inductor's code generator
 (it casts element by element through a stack buffer); at 16 wide that cost more than the wider
-tile saved, so stochastic rounding ran 8 wide and 1.4-2x slower than round to nearest. Note
-[vector bitcast] (inductor_codegen.py) supplies the vector form while the step compiles, and
-every mode is written through ``_foreach_copy_``. Measured at 20M elements, 2 threads, same run
-(after that change): nearest 16.5-21 ms, stochastic 21-24, stochastic without the hash 22; the
-hash itself (two rounds of integer multiply and shifts) is not what costs. Only where inductor
-lacks the pieces that note uses (``inductor_codegen.AVAILABLE`` False) does stochastic rounding
-of bf16 states for an fp32 param keep per-output copies and the 8-wide tile, the faster of the
-two there (90.2 against 97.7 ms at 50M). Modes that still run 8 wide: AMP unscaling of an
+tile saved, so stochastic rounding ran 8 wide, well behind round to nearest. Note [vector
+bitcast] (inductor_codegen.py) supplies the vector form while the step compiles, and every mode
+is written through the foreach copy; the hash itself (two rounds of integer multiply and shifts)
+is not what costs. Only where inductor lacks the pieces that note uses
+(``inductor_codegen.AVAILABLE`` False) does stochastic rounding of bf16 states for an fp32 param
+keep per-output copies and the 8-wide tile, the faster of the two there. Modes that still run 8
+wide: AMP unscaling of an
 fp32 grad (its write-back is fp32 only) and fp32 master weights (the master's write-back copies
 a buffer both outputs read).
 
 Note [cpu index]
 ----------------
 The element index is hashed as int32 (``torch.arange(n, dtype=torch.int32)``): vectorised 32-bit
-lanes. An int64 index costs AVX2 a scalar 64-bit shift and narrowing (39 against 59 ms at 20M).
+lanes. An int64 index costs AVX2 a scalar 64-bit shift and narrowing per element.
 Tensors of 2**31 elements or more (``wide``, a separate compile) take the int64 index and fold
 its high word in: the same bits as the int32 path below 2**31. Inductor builds the index vector
 from 16 scalars unless Note [vector arange] (inductor_codegen.py) is in force.

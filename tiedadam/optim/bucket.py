@@ -17,7 +17,7 @@ MAX_CACHED = 64
 @dataclass
 class Bucket:
     """The tensors of one launch, in a fixed order. Built once per plan (Note [what the kernel
-    may trust] in plan.py); ``grads`` (and ``params`` where a working copy stands in for a
+    may trust] in verify.py); ``grads`` (and ``params`` where a working copy stands in for a
     non-dense param) are set afresh every step by ``bind``."""
     device: torch.device
     param_dtype: torch.dtype

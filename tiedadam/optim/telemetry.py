@@ -56,20 +56,21 @@ def readout(names: Sequence[str], rows: Tensor, numels: Tensor, reduce: bool = F
     high_snr_fraction. With ``reduce``, per-rank partial values are combined over the default
     process group with one all-gather (sums add up, divided by each param's replication; the
     max is a max), valid when each rank holds a disjoint shard (FSDP, ZeRO) or a replica."""
-    table = torch.cat([rows, numels[:, None].to(rows)], dim=1)  # [P, 6]
+    n_col = len(FIELDS)  # the numel column, after the kernel's fields
+    table = torch.cat([rows, numels[:, None].to(rows)], dim=1)  # [P, n_col + 1]
     if reduce:
         import torch.distributed as dist
         gathered = [torch.empty_like(table) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, table)
-        stacked = torch.stack(gathered)  # [R, P, 6]
+        stacked = torch.stack(gathered)  # [R, P, n_col + 1]
         summed = stacked.sum(0) / (replicas[:, None].to(table) if replicas is not None else 1.0)
         table = summed.clone()
         table[:, 2] = stacked[:, :, 2].amax(0)
     out = {}
     for i, name in enumerate(names):
         r = table[i]
-        n = r[5].clamp_min(1.0)
-        out[name] = {**{f: r[j] for j, f in enumerate(FIELDS)}, "numel": r[5],
+        n = r[n_col].clamp_min(1.0)
+        out[name] = {**{f: r[j] for j, f in enumerate(FIELDS)}, "numel": r[n_col],
                      "grad_norm": r[0].sqrt(), "update_rms": (r[1] / n).sqrt(),
                      "high_snr_fraction": r[4] / n}
     return out

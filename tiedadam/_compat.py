@@ -6,7 +6,7 @@ verified where that matters, and what happens when this torch lacks it. Nothing 
 
 | name here | torch API | used for | checked on | when missing |
 |---|---|---|---|---|
-| ``set_grad_enabled`` | ``torch._C._set_grad_enabled`` | ``step()`` under no_grad for ~0.1 us | 2.11, 2.13 | ``torch.set_grad_enabled`` |
+| ``set_grad_enabled`` | ``torch._C._set_grad_enabled`` | ``step()`` under no_grad without a context manager's cost | 2.11, 2.13 | ``torch.set_grad_enabled`` |
 | ``fused_adamw_`` | ``torch._fused_adamw_`` | the torch backend's step | 2.4-2.13 | CPU backend refuses with the reason |
 | ``foreach_add_``, ``foreach_sub_``, ``foreach_copy_`` | ``torch._foreach_*`` | step counts; the compiled CPU step's outputs | 2.4-2.13 | (required by torch.optim itself) |
 | ``TensorGuards``, ``dict_version`` | ``torch._C._dynamo.guards`` | the guard's fast check | 2.13 | ``fast_guard_works()`` False: full comparison |

@@ -24,8 +24,8 @@ reused by another object meanwhile.
 
 Each check is ``list(map(getter, tensors)) == expected``: ``map`` calls the C getter for every
 parameter and ``==`` compares the lists, so there is no Python bytecode per parameter; the cost
-is the attribute reads themselves (about 40-100 ns each here, see perf/bench_host.py), a few
-times less than the per-parameter Python loop this replaced.
+is the attribute reads themselves (one C call per tensor and fact; perf/bench_host.py measures
+the whole), a few times less than the per-parameter Python loop this replaced.
 
 Note [guard fast path]
 ----------------------

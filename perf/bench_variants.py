@@ -71,8 +71,9 @@ def optimizer_for(spec: dict, numel: int, tensors: int, device: str):
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     state = spec["state"] if spec["param"] != torch.float64 else torch.float64
+    names = {torch.bfloat16: "bfloat16", torch.int8: "ratio8"}  # int8: sass.py's ratio8
     opt = TiedAdamW(params, lr=1e-4, beta=0.95, backend="triton",
-                    state_dtype=torch.bfloat16 if state == torch.bfloat16 else None,
+                    state_dtype=names.get(state),
                     master_weights=spec["master"], stochastic_rounding=spec["state_sr"],
                     param_stochastic_rounding=spec["param_sr"],
                     telemetry=spec.get("telemetry", False))

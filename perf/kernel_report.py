@@ -5,7 +5,7 @@ shared-memory instructions, and the access width of each role. Each variant is c
 against the targets (<= 64 registers, no spills, no shared memory in the loop, <= 60
 instructions per element, <= 80 with stochastic rounding).
 
-    python perf/kernel_report.py [--out DIR] [--arch 90] [--dump CUBIN_DIR]
+    python perf/kernel_report.py [--out DIR] [--arch 90] [--dump CUBIN_DIR] [--only TEXT]
 
 Writes kernel_report.json into --out; --dump also writes each variant's cubin as
 CUBIN_DIR/<variant>.cubin (check with `cuobjdump --dump-sass`). Runs without TRITON_INTERPRET
@@ -39,12 +39,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", metavar="CUBIN_DIR", help="also write <variant>.cubin files here")
     ap.add_argument("--limit", type=int, default=None,
                     help="only the first N variants (the GPU suite's --dry-run)")
+    ap.add_argument("--only", metavar="TEXT", default=None,
+                    help="only the variants whose name contains TEXT (e.g. ratio8)")
     args = ap.parse_args(argv)
 
     import sass
 
     t0 = time.time()
-    todo = list(sass.variants())[:args.limit]
+    todo = [v for v in sass.variants()
+            if args.only is None or args.only in sass.variant_name(**v)][:args.limit]
     header = (f"{'variant':<30}{'regs':>5}{'thr/SM':>7}{'spill':>6}{'instr/el':>9}{'budget':>7}"
               f"{'smem':>5}  widths (bits)  misses")
     print(f"compiling {len(todo)} kernel variants for sm_{args.arch} (a few seconds each)",

@@ -33,11 +33,20 @@ import triton
 
 from tiedadam.kernels import tied_adamw as K
 
+# int8 as the state dtype is ratio8: int8 exp_avg codes, bf16 exp_avg_sq (Note [ratio8 kernel]
+# in tiedadam/kernels/tied_adamw.py).
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-         torch.float64: "fp64"}
+         torch.float64: "fp64", torch.int8: "ratio8"}
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-        torch.float64: "*fp64"}
+        torch.float64: "*fp64", torch.int8: "*i8"}
+
+
+def state_bytes(state: torch.dtype) -> tuple[int, int]:
+    """(exp_avg, exp_avg_sq) bytes per element."""
+    if state == torch.int8:
+        return 1, 2
+    return (BYTES[SHORT[state]],) * 2
 # The issue's targets for every variant (perf/README.md): registers for >= 1024 threads per SM
 # at 4 warps, no spills, no shared memory in the hot loop, and a budget of SASS instructions
 # per element on the loop's fast path.
@@ -52,6 +61,7 @@ SHARED_OPS = ("LDS", "STS", "LDSM", "STSM", "BAR", "ATOMS", "RED.E.ADD.F32.FTZ.R
 def variants():
     """The specialisations the optimizer launches (table and flat forms of each mode)."""
     bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    i8 = torch.int8  # ratio8
     modes = [  # param, state, master, state SR, param SR
         (fp32, fp32, False, False, False),
         (bf16, fp32, False, False, False),
@@ -63,6 +73,10 @@ def variants():
         (bf16, bf16, False, True, True),     # pure bf16 with stochastic rounding
         (bf16, bf16, True, True, False),     # master weights + bf16 states
         (fp64, fp64, False, False, False),   # fp64 params: fp64 state and math
+        (fp32, i8, False, True, False),      # ratio8 moments, stochastic rounding
+        (fp32, i8, False, False, False),     # ratio8, round to nearest
+        (bf16, i8, True, True, False),       # ratio8 with master weights
+        (bf16, i8, False, True, True),       # pure bf16 params, ratio8 moments
     ]
     for param, state, master, ssr, psr in modes:
         for flat in (False, True):
@@ -91,8 +105,8 @@ def elements_per_thread(spec: dict) -> int:
 
 def roles(param, state, master, scale, **_) -> dict:
     """Each global role the hot loop touches -> (element bytes, loaded?, stored?)."""
-    p, s = BYTES[SHORT[param]], BYTES[SHORT[state]]
-    r = {"grad": (p, True, scale), "exp_avg": (s, True, True), "exp_avg_sq": (s, True, True),
+    p, (sm, sv) = BYTES[SHORT[param]], state_bytes(state)
+    r = {"grad": (p, True, scale), "exp_avg": (sm, True, True), "exp_avg_sq": (sv, True, True),
          "param": (p, not master, True)}
     if master:
         r["master"] = (4, True, True)
@@ -107,7 +121,7 @@ def compile_cubin(param, state, master, scale, flat, state_sr=False, param_sr=Fa
     sig = {"addr_ptr": "*i64", "meta_ptr": "*i64", "chunk_ptr": "*i64", "n_tensors": "i32",
            "hyper_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
-           "flat_v": _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
+           "flat_v": "*bf16" if state == torch.int8 else _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
            "flat_numel": "i64", "flat_aligned": "i32", "flat_group": "i32",
            "flat_key": "i64", "tele_ptr": "*fp32", "snr_threshold": "fp32",
            "ticket_ptr": "*i32"}

@@ -276,7 +276,10 @@ def test_recompile_limit_falls_back_to_torch_ops_with_one_warning(monkeypatch):
     from reference import ref_step
     monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
     C.reset_fallback()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # config.patch, not monkeypatch: undoing a monkeypatch of dynamo's config module leaves
+    # recompile_limit unreadable, and every later compile in the process fails
+    limit = torch._dynamo.config.patch(recompile_limit=1)
+    limit.__enter__()
     was = torch.are_deterministic_algorithms_enabled()
     p = torch.nn.Parameter(torch.randn(4096))
     opt = TiedAdamW([p], lr=0.01, beta=0.9, backend="torch", state_dtype="bfloat16",
@@ -298,6 +301,8 @@ def test_recompile_limit_falls_back_to_torch_ops_with_one_warning(monkeypatch):
         assert not C.compiled_available()
     finally:
         torch.use_deterministic_algorithms(was)
+        limit.__exit__(None, None, None)
+        C.reset_fallback()
         C.reset_fallback()  # later tests of this process compile again
     msgs = [str(w.message) for w in caught if "compiled CPU step failed" in str(w.message)]
     assert len(msgs) == 1 and "global settings" in msgs[0]

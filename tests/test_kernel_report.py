@@ -1,7 +1,8 @@
 """Compile every kernel variant for sm_90 (no GPU needed) and check the structure of its hot
 loop (perf/sass.py, Note [hot loop]): <= 64 registers (>= 1024 threads per SM at 4 warps), no
 spills, no shared-memory instructions in the loop, exactly one global access per role at
-the width its layout gives (fp32 roles 128-bit, bf16/fp16 roles 64-bit, fp64 128-bit), and a
+the width its layout gives (fp32 roles 128-bit, bf16/fp16 roles 64-bit, fp64 128-bit, ratio8's
+int8 codes 32-bit), and a
 barrier before the step-count ticket (Note [ticket ordering] in the kernel).
 Structure, not timings: the instruction counts are reported, not asserted.
 
@@ -43,11 +44,14 @@ def test_each_role_moves_at_its_layouts_width(report):
     for v in data["variants"]:
         roles = v["loop"]["role_bits"]
         assert roles["grad"] == BITS[v["param"]] and roles["param"] == BITS[v["param"]], v["name"]
-        assert roles["exp_avg"] == roles["exp_avg_sq"] == BITS[v["state"]], v["name"]
+        if v["state"] == "ratio8":  # int8 codes and bf16 v, 4 elements a thread
+            assert (roles["exp_avg"], roles["exp_avg_sq"]) == (32, 64), v["name"]
+        else:
+            assert roles["exp_avg"] == roles["exp_avg_sq"] == BITS[v["state"]], v["name"]
         if v["master"]:
             assert roles["master"] == 128, v["name"]
         # The loop really does that: each load/store opcode count matches the roles' widths.
-        widths = {128: "LDG.E.128", 64: "LDG.E.64"}
+        widths = {128: "LDG.E.128", 64: "LDG.E.64", 32: "LDG.E"}
         want = {}
         for r, b in roles.items():
             if not (r == "param" and v["master"]):  # the master, not the param, is loaded

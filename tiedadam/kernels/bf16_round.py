@@ -21,3 +21,14 @@ def round_bf16(x: Tensor, r16: Tensor | None) -> Tensor:
         return x.to(torch.bfloat16)
     bits = torch.where(x != x, _QNAN, x.view(torch.int32)) + r16  # != : a vector compare
     return (bits & _HIGH16).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
+
+
+def rounded_bf16_value(x: Tensor, r16: Tensor | None) -> Tensor:
+    """``round_bf16(x, r16)`` as an fp32 tensor (exact: a bf16 value), made with integer
+    operations: inductor drops a ``.to(torch.bfloat16).float()`` round trip inside a compiled
+    graph (it does not emulate the intermediate rounding), and ratio8 encodes m against the
+    rounded v (Note [ratio8] in ratio8.py). To nearest even as the Triton kernel's
+    ``_rne_bf16``: add 0x7FFF plus the lowest kept bit, keep the high half."""
+    bits = torch.where(x != x, _QNAN, x.view(torch.int32))
+    bits = bits + (r16 if r16 is not None else 0x7FFF + ((bits >> 16) & 1))
+    return (bits & _HIGH16).view(torch.float32)

@@ -30,6 +30,18 @@ once per program. u = q / c with q = m / (sqrt(v) / sqrt(c) + eps) the kernel's 
 quotient, so sums of q^2 and max |q| are scaled by 1/c once; the high-SNR test
 |m| / (sqrt(c) sqrt(v)) > threshold is made as |m| > threshold * sqrt(c) * sqrt(v), without a
 division (equal but at rounding boundaries).
+
+Note [ratio8 kernel]
+--------------------
+STATE = int8 is ``state_dtype="ratio8"`` (Note [ratio8] in ratio8.py): exp_avg holds int8
+codes q of r = m / sqrt(v), exp_avg_sq bf16 v. The block decodes m = (q / 127) sqrt(v_old) in
+registers, steps as above, rounds v to bf16 (nearest, or the high 16 random bits), stores it,
+and encodes m against that stored v (the low 16 bits): no fp32 moment in memory, 3 bytes of
+state per element. The operations are ratio8.py's (Note [ratio8 arithmetic]) in its order, so
+the interpreter gives the CPU paths' codes bit for bit; the GPU takes its sqrt and rsqrt as
+the fast approximations (MUFU, a few ulp), which can move a code by one at a rounding boundary
+and cost a few instructions where the IEEE forms cost a subroutine each (perf/kernel_report.py
+counts them).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import layout as L
+from . import ratio8
 from .multi_tensor import ALIGN_BYTES, MultiTensorTable
 
 _ALIGN = tl.constexpr(ALIGN_BYTES)  # bytes promised by tl.multiple_of (Note [alignment])
@@ -51,6 +64,12 @@ _PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 _PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 PHILOX_ROUNDS = tl.constexpr(7)  # Note [philox rounds]
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
+# ratio8 (Note [ratio8 kernel]): ratio8.py's constants, one definition.
+_LEVELS = tl.constexpr(float(ratio8.LEVELS))
+_INV_LEVELS = tl.constexpr(ratio8.INV_LEVELS)
+_NOISE_SCALE = tl.constexpr(ratio8.NOISE_SCALE)
+_TINY = tl.constexpr(ratio8.TINY)
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + this rounds x half to even
 
 # The shared layouts (layout.py): rows of the address table, columns of the hyperparameter
 # table and of the telemetry rows.
@@ -127,8 +146,9 @@ def block_for(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32
 # (Triton 3.9 warns that its default flips in 3.10).
 ENABLE_FP_FUSION = False
 
+# int8 as the state dtype is ratio8: int8 exp_avg codes, bf16 exp_avg_sq (Note [ratio8 kernel]).
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-              torch.float64: tl.float64}
+              torch.float64: tl.float64, torch.int8: tl.int8}
 
 # Launch counter: tests assert one launch per (device, dtype) group per step.
 launches = 0
@@ -167,6 +187,21 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
         return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return _rne_bf16(x)
+
+
+@triton.jit
+def _ratio8_encode(m, v, r16, STOCHASTIC: tl.constexpr):
+    """int8 code of m against the stored v (Note [ratio8 arithmetic] in ratio8.py): x =
+    m rsqrt(max(v, TINY)) * 127 clamped to [-127, 127], then floor(x + u) with u = 16 random
+    bits * 2**-16 (unbiased), or rounded half to even."""
+    x = (m * tl.rsqrt(tl.maximum(v, _TINY))) * _LEVELS
+    x = tl.clamp(x, -_LEVELS, _LEVELS)  # NaN -> -LEVELS (maxNum/minNum, as torch.fmax/fmin)
+    if STOCHASTIC:
+        # u * 2**-16 is exact, so the fused form rounds as x + u * 2**-16 does
+        return tl.floor(tl.fma(r16.to(tl.float32), _NOISE_SCALE, x)).to(tl.int8)
+    else:
+        # the low byte of x + 1.5 * 2**23 is x rounded half to even, as an int8
+        return (x + _RNE_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -297,8 +332,11 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
         p = tl.load(w_ptrs, mask=mask)
     else:
         p = tl.load(p_ptrs, mask=mask).to(COMPUTE)
-    m = tl.load(m_ptrs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptrs, mask=mask).to(COMPUTE)
+    if STATE == tl.int8:  # ratio8: m = r sqrt(v) (Note [ratio8 kernel])
+        m = (tl.load(m_ptrs, mask=mask).to(tl.float32) * _INV_LEVELS) * tl.sqrt(v)
+    else:
+        m = tl.load(m_ptrs, mask=mask).to(COMPUTE)
 
     p = p * decay
     # torch's lerp_(g, w) with w = 1 - beta, both of its branches: m + w*(g - m) for w < 0.5,
@@ -308,12 +346,18 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
     d = g - m
     m = tl.where(one_minus_beta < 0.5, m, g) + lerp_coef * d
     v = v * beta + one_minus_beta * g * g
-    sqrt_v = _sqrt(v, COMPUTE)
-    if COMPUTE == tl.float64:
-        denom = sqrt_v * bc_sqrt + eps  # Note [fp64]: bc_sqrt holds 1 / sqrt(c) here
+    if STATE == tl.int8:
+        # ratio8: the GPU's fast sqrt and division (Note [ratio8 kernel]); bc_sqrt holds
+        # 1 / sqrt(c)
+        sqrt_v = tl.sqrt(v)
+        q = tl.fdiv(m, sqrt_v * bc_sqrt + eps)
     else:
-        denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps
-    q = _div(m, denom, COMPUTE)
+        sqrt_v = _sqrt(v, COMPUTE)
+        if COMPUTE == tl.float64:
+            denom = sqrt_v * bc_sqrt + eps  # Note [fp64]: bc_sqrt holds 1 / sqrt(c) here
+        else:
+            denom = _div(sqrt_v, bc_sqrt, COMPUTE) + eps
+        q = _div(m, denom, COMPUTE)
     p = p - step_size * q
 
     gsq = 0.0
@@ -347,6 +391,15 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
     if STATE == tl.float32 or STATE == tl.float64:
         tl.store(m_ptrs, m, mask=mask)
         tl.store(v_ptrs, v, mask=mask)
+    elif STATE == tl.int8:
+        if STATE_SR:
+            vb = _round_to_bf16(v, ra >> 16, True)
+            q = _ratio8_encode(m, vb.to(tl.float32), ra & 0xFFFF, True)
+        else:
+            vb = _rne_bf16(v)
+            q = _ratio8_encode(m, vb.to(tl.float32), 0, False)
+        tl.store(v_ptrs, vb, mask=mask)
+        tl.store(m_ptrs, q, mask=mask)
     elif STATE_SR:
         tl.store(m_ptrs, _round_to_bf16(m, ra & 0xFFFF, True), mask=mask)
         tl.store(v_ptrs, _round_to_bf16(v, ra >> 16, True), mask=mask)
@@ -402,8 +455,10 @@ def _tensor_of_program(pid, addr_ptr, meta_ptr, chunk_ptr, n_tensors,
         g_base = tl.load(addr_ptr + _ROLE_GRAD * n_tensors + tid).to(tl.pointer_type(PARAM))
         m_base = tl.load(addr_ptr + _ROLE_EXP_AVG * n_tensors + tid).to(
             tl.pointer_type(STATE))
+        # ratio8 (STATE int8): exp_avg holds the codes, exp_avg_sq bf16 v
+        V_STATE: tl.constexpr = tl.bfloat16 if STATE == tl.int8 else STATE
         v_base = tl.load(addr_ptr + _ROLE_EXP_AVG_SQ * n_tensors + tid).to(
-            tl.pointer_type(STATE))
+            tl.pointer_type(V_STATE))
         w_base = tl.load(addr_ptr + _ROLE_MASTER * n_tensors + tid).to(
             tl.pointer_type(tl.float32))
         step_ptr = tl.load(addr_ptr + _ROLE_STEP * n_tensors + tid).to(
@@ -483,6 +538,8 @@ def _tied_adamw_kernel(
     step_size = (lr / c).to(COMPUTE)
     if COMPUTE == tl.float64:
         bc_sqrt = 1.0 / tl.sqrt(c)  # Note [fp64]
+    elif STATE == tl.int8:
+        bc_sqrt = (1.0 / tl.sqrt(c)).to(COMPUTE)  # Note [ratio8 kernel]
     else:
         bc_sqrt = tl.sqrt(c).to(COMPUTE)
     decay = (1.0 - lr * weight_decay).to(COMPUTE)
@@ -556,7 +613,7 @@ def _tied_adamw_kernel(
 def launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
                    has_scale: bool, state_sr: bool, param_sr: bool, telemetry: bool) -> dict:
     """The constexprs and launch options of one kernel variant (made once, not per launch)."""
-    state_sr = state_sr and state_dtype == torch.bfloat16
+    state_sr = state_sr and state_dtype in (torch.bfloat16, torch.int8)
     param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
     return dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
                 HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,

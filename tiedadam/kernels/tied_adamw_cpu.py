@@ -1,5 +1,5 @@
 """The tied-beta AdamW update for CPU tensors, in one pass over memory, for the modes torch's
-fused AdamW does not cover: bf16 states (rounded to nearest or stochastically), fp32 master
+fused AdamW does not cover: bf16 states (rounded to nearest or stochastically), ratio8 moments, fp32 master
 weights for bf16/fp16 params, pure bf16 params. One elementwise function that torch.compile
 (inductor) turns into one vectorised C++ loop over the tensor; nothing hand-written in C++.
 
@@ -115,8 +115,8 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from . import inductor_codegen
-from .bf16_round import round_bf16
+from . import inductor_codegen, ratio8
+from .bf16_round import round_bf16, rounded_bf16_value
 
 _MASK16 = 0xFFFF
 _LOWBIAS_A = 0x7FEB352D
@@ -158,27 +158,35 @@ def random_bits(n: int, keys: Tensor, stream: int = 0, wide: bool = False) -> Te
 def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                     s: Tensor, keys: Tensor, has_master: bool, has_scale: bool,
                     state_sr: bool, param_sr: bool, wide: bool = False) -> None:
-    """One step of one flat CPU tensor, in place. ``s`` fp32 [8] = ``scalars(...)``; ``keys``
+    """One step of one flat CPU tensor, in place. ``s`` fp32 [9] = ``scalars(...)``; ``keys``
     int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``); ``wide`` for tensors
     of 2**31 elements or more (Note [cpu index])."""
-    decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale = (s[i] for i in range(8))
+    decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale, inv_bc_sqrt = (s[i]
+                                                                              for i in range(9))
     gf = g.float()
     if has_scale:
         gf = gf * inv_scale
     pf = w if has_master else p.float()
-    mf = m.float()
     vf = v.float()
+    mf = ratio8.decode(m, vf) if m.dtype == torch.int8 else m.float()
     pf = pf * decay
     d = gf - mf
     mf = torch.where(omb < 0.5, mf, gf) + coef * d  # torch's lerp_, as the kernel writes it
     vf = vf * beta + omb * gf * gf
-    q = mf / (torch.sqrt(vf) / bc_sqrt + eps)
+    if m.dtype == torch.int8:  # ratio8's order (Note [ratio8 arithmetic] in ratio8.py)
+        q = mf / (torch.sqrt(vf) * inv_bc_sqrt + eps)
+    else:
+        q = mf / (torch.sqrt(vf) / bc_sqrt + eps)
     pf = pf - step_size * q
     n = p.numel()
     r = random_bits(n, keys, wide=wide) if state_sr or param_sr else None
     if m.dtype == torch.bfloat16:
         mn = round_bf16(mf, r & _MASK16 if state_sr else None)
         vn = round_bf16(vf, _shr(r, 16) if state_sr else None)
+    elif m.dtype == torch.int8:  # ratio8: m encoded against the stored v (Note [ratio8])
+        vs = rounded_bf16_value(vf, _shr(r, 16) if state_sr else None)
+        vn = vs.to(torch.bfloat16)  # exact
+        mn = ratio8.encode(mf, vs, r & _MASK16 if state_sr else None)
     else:
         mn, vn = mf, vf
     if param_sr:
@@ -201,14 +209,15 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
 
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
             inv_scale: float = 1.0) -> Tensor:
-    """fp32 [8]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
-    computes them (c = 1 - exp(t log beta)), then rounded to fp32."""
+    """fp32 [9]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
+    computes them (c = 1 - exp(t log beta)), then rounded to fp32: 1 - lr wd, 1 - beta, beta,
+    the lerp coefficient, lr / c, sqrt(c), eps, 1 / grad scale, 1 / sqrt(c) (ratio8)."""
     c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
     omb = 1.0 - beta
     beta32 = float(torch.tensor(beta, dtype=torch.float32))
     coef = omb if float(torch.tensor(omb, dtype=torch.float32)) < 0.5 else -beta32
     return torch.tensor([1.0 - lr * weight_decay, omb, beta, coef, lr / c, math.sqrt(c), eps,
-                         inv_scale], dtype=torch.float32)
+                         inv_scale, 1.0 / math.sqrt(c)], dtype=torch.float32)
 
 
 compile_seconds: dict[tuple, float] = {}  # mode flags -> seconds its first call took

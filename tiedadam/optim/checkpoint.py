@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._compat import local_tensor
+from ..kernels import ratio8
 from . import group_rules as R
 from . import verify as V
 
@@ -72,7 +73,13 @@ def restore(state, own: dict, params_of: dict, groups: list) -> None:
         p = params_of[k]
         st = state[p]
         group = group_of[k]
+        if "exp_avg" in tensors and "exp_avg_sq" in tensors:  # converted as a pair (ratio8)
+            st["exp_avg"], st["exp_avg_sq"] = V.convert_moments(
+                p, tensors["exp_avg"], tensors["exp_avg_sq"],
+                R.state_dtypes_for(local_tensor(p).dtype, group))
         for n, v in tensors.items():
+            if n in ("exp_avg", "exp_avg_sq") and n in st:
+                continue
             if n == V.MASTER_KEY and not R.wants_master(local_tensor(p).dtype, group):
                 continue  # saved with master weights, loaded into a group without: the
                 # param holds the rounded master
@@ -89,5 +96,25 @@ def cast_loaded(p: Tensor, name: str, v: Any, group: dict) -> Tensor:
     if name == "step":
         v = v if isinstance(v, Tensor) else torch.tensor(float(v))
         return v.detach().to(device=local.device, dtype=torch.float32).clone().reshape(())
-    dtype = torch.float32 if name == V.MASTER_KEY else R.state_dtype_for(local.dtype, group)
+    m_dtype, v_dtype = R.state_dtypes_for(local.dtype, group)
+    dtype = {V.MASTER_KEY: torch.float32, "exp_avg": m_dtype}.get(name, v_dtype)
     return V.cast_state(p, v, dtype)
+
+
+def dequantize_state_dict(state_dict: dict) -> dict:
+    """A copy of a TiedAdamW ``state_dict()`` with fp32 moments: ratio8 exp_avg codes decoded
+    against their exp_avg_sq (Note [ratio8] in kernels/ratio8.py), bf16 moments upcast, and every
+    group's ``state_dtype`` "float32". ``torch.optim.AdamW(betas=(b, b))`` and an fp32 TiedAdamW
+    load the result; master weights and the step counts are kept as they are (fp64 moments of
+    fp64 params stay fp64). The input is not changed."""
+    state = {}
+    for k, s in state_dict["state"].items():
+        s = dict(s)
+        m, v = s.get("exp_avg"), s.get("exp_avg_sq")
+        if isinstance(m, Tensor) and isinstance(v, Tensor) and m.dtype != torch.float64:
+            s["exp_avg"] = ratio8.decode(m, v) if m.dtype == torch.int8 else m.float()
+            s["exp_avg_sq"] = v.float()
+        state[k] = s
+    groups = [{**g, "state_dtype": "float32"} if "state_dtype" in g else dict(g)
+              for g in state_dict["param_groups"]]
+    return {**state_dict, "state": state, "param_groups": groups}

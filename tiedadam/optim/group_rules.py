@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels import ratio8
+
 BACKENDS = ("auto", "triton", "torch")
 UNSET = object()  # "beta not given" (None is not: it would read as a value)
 
@@ -116,43 +118,66 @@ def check_backend(backend: Any) -> str:
 BF16_STATE_MAX_BETA = 1.0 - 2.0 ** -8
 
 
-def check_beta_for_state(beta: float, state_dtype: torch.dtype, where: str = "") -> None:
+def check_beta_for_state(beta: float, state_dtype, where: str = "") -> None:
     if state_dtype == torch.bfloat16 and beta > BF16_STATE_MAX_BETA:
         raise ValueError(
             f"{where}beta={beta} is too close to 1 for state_dtype=torch.bfloat16: each EMA step "
             f"changes the state by a relative {1 - beta:.2g}, below bf16's unit roundoff 2**-8, "
             f"so the state would stop tracking its average. Use beta <= {BF16_STATE_MAX_BETA} "
             f"(0.95 is the usual tied value) or state_dtype=torch.float32.")
+    if state_dtype == ratio8.NAME and beta > ratio8.max_beta():
+        raise ValueError(
+            f"{where}beta={beta} is too close to 1 for state_dtype='ratio8': each EMA step "
+            f"moves exp_avg / sqrt(exp_avg_sq) by about {1 - beta:.2g}, below the 8-bit code's "
+            f"step ({1 - ratio8.max_beta():.3g}), so the moment would drown in rounding noise "
+            f"(Note [ratio8] in tiedadam/kernels/ratio8.py). Use beta <= "
+            f"{ratio8.max_beta():.4f} or state_dtype='bfloat16'.")
 
 
-# The state dtypes a group may name (JSON configs name them), and what they mean.
+# The state formats a group may name (JSON configs name them), and what they mean: a torch
+# dtype for both moments, or ratio8 (exp_avg int8 r = m / sqrt(v), exp_avg_sq bf16 v; Note
+# [ratio8] in tiedadam/kernels/ratio8.py).
 STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16}
+RATIO8 = ratio8.NAME
 
 
-def check_state_dtype(state_dtype: Any, where: str = "") -> torch.dtype:
-    """torch.float32 / torch.bfloat16, or their names ("float32", "bfloat16": JSON configs)."""
+def check_state_dtype(state_dtype: Any, where: str = ""):
+    """torch.float32 / torch.bfloat16, their names ("float32", "bfloat16": JSON configs), or
+    "ratio8"."""
     if state_dtype is None:
         return torch.float32
     if isinstance(state_dtype, str):
         key = state_dtype.removeprefix("torch.")
         if key in STATE_DTYPES:
             return STATE_DTYPES[key]
+        if key == RATIO8:
+            return RATIO8
     elif state_dtype in STATE_DTYPES.values():
         return state_dtype
     raise ValueError(f"Unsupported {where}state_dtype={state_dtype!r}: use torch.float32 "
-                     f"(default) or torch.bfloat16 (or the strings 'float32', 'bfloat16')")
+                     f"(default), torch.bfloat16 or 'ratio8' (or the strings 'float32', "
+                     f"'bfloat16')")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype) -> str:
+    return dtype if dtype == RATIO8 else str(dtype).removeprefix("torch.")
 
 
-def state_dtype_for(param_dtype: torch.dtype, group: dict) -> torch.dtype:
-    """fp64 params keep fp64 state (as torch does); others the group's ``state_dtype``."""
+def state_dtypes_for(param_dtype: torch.dtype, group: dict) -> tuple:
+    """(exp_avg dtype, exp_avg_sq dtype) of a param in ``group``: fp64 params keep fp64 state
+    (as torch does); ratio8 is (int8, bf16); the others the group's ``state_dtype``, twice."""
     if param_dtype == torch.float64:
-        return torch.float64
-    return STATE_DTYPES[group["state_dtype"]]
+        return torch.float64, torch.float64
+    if group["state_dtype"] == RATIO8:
+        return torch.int8, torch.bfloat16
+    d = STATE_DTYPES[group["state_dtype"]]
+    return d, d
+
+
+# The (exp_avg, exp_avg_sq) dtypes TiedAdamW's groups make: what a conversion may start from.
+STATE_PAIRS = {(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.int8, torch.bfloat16)}
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

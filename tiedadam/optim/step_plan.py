@@ -95,7 +95,8 @@ class StepPlans:
         for j, e in enumerate(entries):
             group = groups[e.group]
             local = e.local
-            state_sr = bool(group["stochastic_rounding"]) and e.exp_avg.dtype == torch.bfloat16
+            state_sr = bool(group["stochastic_rounding"]) and e.exp_avg.dtype in (torch.bfloat16,
+                                                                                 torch.int8)
             param_sr = (bool(group["param_stochastic_rounding"]) and e.master is None
                         and local.dtype == torch.bfloat16)
             backend = backends.name_for(local.device)

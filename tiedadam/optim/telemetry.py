@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels import ratio8
 from ..kernels.layout import TELEMETRY_FIELDS as FIELDS
 from ..kernels.multi_tensor import upload
 from .bucket import MAX_CACHED
@@ -29,7 +30,8 @@ def torch_rows(out: Tensor, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     path: torch's fused op exposes no hook to compute them in its pass)."""
     for i, (g, m, v, t) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, steps)):
         g = g.float() if grad_scale is None else g.float() / grad_scale.to(g.device)
-        m, v = m.float(), v.float()
+        m = ratio8.decode(m, v) if m.dtype == torch.int8 else m.float()
+        v = v.float()
         c = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=t.device),
                             t.to(torch.float64)).to(torch.float32)
         sqrt_v = v.sqrt()

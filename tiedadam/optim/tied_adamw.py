@@ -183,8 +183,9 @@ class TiedAdamW(Optimizer):
         return state
 
     @property
-    def state_dtype(self) -> torch.dtype:
-        """The default group's state dtype (groups may override it; stored by name)."""
+    def state_dtype(self):
+        """The default group's state dtype: torch.float32, torch.bfloat16 or "ratio8" (groups
+        may override it; stored by name)."""
         return R.check_state_dtype(self.defaults["state_dtype"])
 
     @property

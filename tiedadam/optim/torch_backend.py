@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
+from ..kernels import ratio8
 from ..kernels.bf16_round import round_bf16
 from ..kernels.layout import TELEMETRY_WIDTH
 from .amp import per_device
@@ -77,7 +78,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             return
     # fp32 working copies: the master weight when there is one, else the upcast param.
     work = [masters[i] if masters[i] is not None else params[i].float() for i in other]
-    m32 = [exp_avgs[i].float() for i in other]
+    m32 = [ratio8.decode(exp_avgs[i], exp_avg_sqs[i]) if exp_avgs[i].dtype == torch.int8
+           else exp_avgs[i].float() for i in other]
     v32 = [exp_avg_sqs[i].float() for i in other]
     g32 = [grads[i].float() for i in other]
     _compat.fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
@@ -92,7 +94,16 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             stochastic_round_to_bf16_(params[i], work[j], gen)
         elif work[j] is not params[i]:
             params[i].copy_(work[j])  # round to nearest even
-        if exp_avgs[i].dtype != torch.float32:
+        if exp_avgs[i].dtype == torch.int8:  # ratio8: v first, m encoded against it
+            if state_sr:
+                stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], gen)
+                noise = torch.randint(0, 1 << 16, m32[j].shape, dtype=torch.int32,
+                                      device=m32[j].device, generator=gen)
+            else:
+                exp_avg_sqs[i].copy_(v32[j])
+                noise = None
+            exp_avgs[i].copy_(ratio8.encode(m32[j], exp_avg_sqs[i], noise))
+        elif exp_avgs[i].dtype != torch.float32:
             if state_sr and exp_avgs[i].dtype == torch.bfloat16:
                 stochastic_round_to_bf16_(exp_avgs[i], m32[j], gen)
                 stochastic_round_to_bf16_(exp_avg_sqs[i], v32[j], gen)

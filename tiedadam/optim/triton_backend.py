@@ -21,6 +21,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from ..kernels import ratio8
 from ..kernels import tied_adamw as K
 from ..kernels.layout import HYPER_FIELDS, N_ELEMENTWISE, N_HYPER, ROLE_GRAD, ROLE_PARAM
 from ..kernels.multi_tensor import TableCache, upload
@@ -125,6 +126,10 @@ class TritonBackend:
                 found_inf, snr_threshold: float):
         """The launch; returns the hyperparameter table and the address table (None: flat)
         it used."""
+        if b.state_dtype == torch.int8 and ratio8.CODE != "linear":
+            raise RuntimeError(f"the Triton kernel encodes ratio8 moments with the linear code; "
+                               f"ratio8.CODE={ratio8.CODE!r} is for the torch backend's study "
+                               f"runs (perf/precision_study.py): use backend='torch'")
         hyper = hyper_table(groups, b.device, self.hyper)
         masters = b.masters if b.has_master else b.params
         scale, inf = per_device(grad_scale, found_inf, b.device)

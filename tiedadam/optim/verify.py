@@ -65,7 +65,8 @@ import torch
 from torch import Tensor
 
 from .._compat import is_dtensor, local_tensor
-from .group_rules import LOW_PRECISION, STATE_DTYPES, state_dtype_for, wants_master
+from ..kernels import ratio8
+from .group_rules import LOW_PRECISION, STATE_PAIRS, state_dtypes_for, wants_master
 
 MASTER_KEY = "master_param"
 
@@ -323,13 +324,13 @@ def entry(gi: int, i: int, p: Tensor, g: Tensor, st: dict, group: dict) -> Entry
         raise RuntimeError(f"grad of {_name(gi, i, p)} has a local shard of shape "
                            f"{tuple(g_local.shape)}, the param's is {tuple(local.shape)}")
     strides, in_place = walk_strides(local)
-    dtype = state_dtype_for(local.dtype, group)
+    m_dtype, v_dtype = state_dtypes_for(local.dtype, group)
     if "exp_avg" not in st or "exp_avg_sq" not in st or "step" not in st:
         missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
         raise RuntimeError(f"optimizer.state[p] of {_name(gi, i, p)} lacks {missing}; "
                            f"{_RESET}")
-    m = _check_role(gi, i, p, local, "exp_avg", st["exp_avg"], dtype, strides)
-    v = _check_role(gi, i, p, local, "exp_avg_sq", st["exp_avg_sq"], dtype, strides)
+    m = _check_role(gi, i, p, local, "exp_avg", st["exp_avg"], m_dtype, strides)
+    v = _check_role(gi, i, p, local, "exp_avg_sq", st["exp_avg_sq"], v_dtype, strides)
     step = _check_step(gi, i, p, local, st["step"])
     master = None
     if wants_master(local.dtype, group):
@@ -379,14 +380,14 @@ def init(p: Tensor, st: dict, group: dict) -> None:
     master."""
     local = local_tensor(p)
     if not st:
-        dtype = state_dtype_for(local.dtype, group)
+        m_dtype, v_dtype = state_dtypes_for(local.dtype, group)
         _, in_place = walk_strides(local)
         st["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
         # Laid out as the param is walked: its own strides when dense, else contiguous (as the
         # working copy); DTensors get DTensor state sharded like the param.
         fmt = torch.preserve_format if in_place else torch.contiguous_format
-        st["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=fmt)
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=fmt)
+        st["exp_avg"] = torch.zeros_like(p, dtype=m_dtype, memory_format=fmt)
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=v_dtype, memory_format=fmt)
     init_master(p, st, group)
 
 
@@ -395,22 +396,36 @@ def init_master(p: Tensor, st: dict, group: dict) -> None:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
 
+def convert_moments(p: Tensor, m: Tensor, v: Tensor, target: tuple) -> tuple:
+    """(exp_avg, exp_avg_sq) in the ``target`` dtypes, laid out and sharded like ``p``, with
+    the values a checkpoint load gives them: moments cast to nearest; ratio8 codes decoded
+    against their exp_avg_sq, or encoded (nearest code) against the new bf16 exp_avg_sq (Note
+    [ratio8] in kernels/ratio8.py)."""
+    tm, tv = target
+    if m.dtype == torch.int8:
+        m = ratio8.decode(m, v)
+    if tm == torch.int8:
+        v = cast_state(p, v, torch.bfloat16)
+        return cast_state(p, ratio8.encode(cast_state(p, m, torch.float32), v), tm), v
+    return cast_state(p, m, tm), cast_state(p, v, tv)
+
+
 def apply_options(p: Tensor, st: dict, group: dict) -> dict:
     """``st`` as ``load_state_dict`` would make it under ``group``'s options (Note [what the
     kernel may trust], 6): a new dict when something changes, else ``st``; nothing is written
-    to ``st``. Moments in the other state dtype (fp32 or bf16; fp64 params keep fp64) are cast
-    to the group's; the master weights of a bf16/fp16 param whose group wants none are dropped
-    (the param holds the rounded master); a missing master is made from the param."""
+    to ``st``. Moments in another state format TiedAdamW makes (fp32, bf16, ratio8; fp64
+    params keep fp64) are converted to the group's; the master weights of a bf16/fp16 param
+    whose group wants none are dropped (the param holds the rounded master); a missing master
+    is made from the param."""
     local = local_tensor(p)
     out = st
     if local.dtype != torch.float64:
-        new = state_dtype_for(local.dtype, group)
-        for k in ("exp_avg", "exp_avg_sq"):
-            v = st.get(k)
-            if (isinstance(v, Tensor) and v.dtype != new
-                    and v.dtype in STATE_DTYPES.values()):
-                out = dict(out) if out is st else out
-                out[k] = cast_state(p, v, new)
+        target = state_dtypes_for(local.dtype, group)
+        m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+        if (isinstance(m, Tensor) and isinstance(v, Tensor)
+                and (m.dtype, v.dtype) != target and (m.dtype, v.dtype) in STATE_PAIRS):
+            out = dict(out)
+            out["exp_avg"], out["exp_avg_sq"] = convert_moments(p, m, v, target)
     if local.dtype in LOW_PRECISION and MASTER_KEY in out and not wants_master(local.dtype,
                                                                                 group):
         out = dict(out) if out is st else out
@@ -428,9 +443,10 @@ def check_saved_state(p: Tensor, k, saved: dict) -> None:
         v = saved.get(n)
         if v is None:
             continue
-        if not isinstance(v, Tensor) or not v.is_floating_point():
+        ratio_codes = n == "exp_avg" and isinstance(v, Tensor) and v.dtype == torch.int8
+        if not isinstance(v, Tensor) or not (v.is_floating_point() or ratio_codes):
             raise ValueError(f"state_dict['state'][{k!r}][{n!r}] is not a floating-point "
-                             f"tensor ({type(v).__name__})")
+                             f"tensor (or ratio8 codes) ({type(v).__name__})")
         if v.shape != p.shape:
             raise ValueError(
                 f"state_dict['state'][{k!r}][{n!r}] has shape {tuple(v.shape)}, but the "

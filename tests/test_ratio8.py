@@ -1,0 +1,420 @@
+"""state_dtype="ratio8" (Note [ratio8] in tiedadam/kernels/ratio8.py): exp_avg as int8 codes of
+r = m / sqrt(v), exp_avg_sq in bf16. Against an independent float64 tied-beta AdamW (the
+quantization error it may add is bounded below), on both backends; the codec's rounding is
+unbiased; the bound |m| <= sqrt(v) holds after every step whatever the grads; checkpoints round
+trip bitwise and dequantize for torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import tiedadam
+from tiedadam import TiedAdamW
+from tiedadam.kernels import ratio8
+
+SIZES = [3000, 7, 1]  # a whole block and a tail, a small tensor, a single element
+HYPER = dict(lr=1e-2, eps=1e-8, weight_decay=0.1)
+
+
+def fresh(dtype=torch.float32, sizes=SIZES):
+    return [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in sizes]
+
+
+def clone(ps):
+    return [torch.nn.Parameter(p.detach().clone()) for p in ps]
+
+
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def decoded(opt, p):
+    st = opt.state[p]
+    return ratio8.decode(st["exp_avg"], st["exp_avg_sq"]), st["exp_avg_sq"].float()
+
+
+# ---------------------------------------------------------------- the codec
+
+@pytest.mark.parametrize("code", ["linear", "sqrt"])
+def test_nearest_code_is_within_half_a_step(code):
+    v = torch.rand(20000) * 10 + 1e-3
+    r = torch.rand(20000) * 2 - 1
+    m = r * v.sqrt()
+    q = ratio8.encode(m, v, code=code)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= ratio8.LEVELS
+    back = ratio8.decode_ratio(q, code)
+    # the step between neighbouring codes around r (1/127 linear; companded: 2|x|+1 / 127^2)
+    x = q.float() / ratio8.LEVELS
+    step = 1 / ratio8.LEVELS if code == "linear" else (2 * x.abs() + 1 / ratio8.LEVELS) / ratio8.LEVELS
+    assert ((back - r).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("code", ["linear", "sqrt"])
+def test_stochastic_rounding_is_unbiased(code):
+    # fixed m, v; many draws of 16-bit noise: the mean decoded m is m (the nearest code is not)
+    n, draws = 64, 4096
+    v = torch.rand(n) + 0.5
+    m = (torch.rand(n) * 2 - 1) * v.sqrt()
+    m_rep, v_rep = m.repeat(draws), v.repeat(draws)
+    noise = torch.randint(0, 1 << 16, (n * draws,), dtype=torch.int32)
+    q = ratio8.encode(m_rep, v_rep, noise, code=code)
+    mean = ratio8.decode(q, v_rep, code=code).view(draws, n).double().mean(0)
+    # one draw is within one code step of m: the mean's sd is below step / (2 sqrt(draws))
+    step = (2 / ratio8.LEVELS) * v.double().sqrt()
+    assert ((mean - m.double()).abs() <= 5 * step / (2 * draws ** 0.5)).all()
+    nearest = ratio8.decode(ratio8.encode(m, v, code=code), v, code=code)
+    assert (nearest != m).float().mean() > 0.9  # the test can tell a biased rounding apart
+
+
+def test_codes_clamp_and_special_values():
+    v = torch.tensor([1.0, 1.0, 0.0, 0.0, float("nan"), 4.0, 1e-45])
+    m = torch.tensor([2.0, -3.0, 0.0, 1e-30, 1.0, -2.0, 0.0])
+    q = ratio8.encode(m, v)
+    assert q.tolist()[:4] == [127, -127, 0, 0] and int(q[5]) == -127 and int(q[6]) == 0
+    d = ratio8.decode(q, v)
+    assert d[4].isnan() and d[2] == 0 and d[3] == 0
+    assert (q != -128).all()
+
+
+def test_max_beta_follows_the_code():
+    assert ratio8.max_beta("linear") == pytest.approx(1 - 1 / 127)
+    assert ratio8.max_beta("sqrt") == pytest.approx(1 - 2 / 127)
+
+
+# ---------------------------------------------------------------- training
+
+def f64_reference(ps, grads_seq, betas, lr, eps, weight_decay):
+    """Tied AdamW in float64 (torch.optim.AdamW's formula): params, m, v after each step."""
+    p = [x.detach().double().clone() for x in ps]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    out = []
+    for t, (grads, b) in enumerate(zip(grads_seq, betas), start=1):
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.double()
+            p[i].mul_(1 - lr * weight_decay)
+            m[i].mul_(b).add_(g, alpha=1 - b)
+            v[i].mul_(b).addcmul_(g, g, value=1 - b)
+        out.append(([x.clone() for x in p], [x.clone() for x in m], [x.clone() for x in v]))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("sr", [True, False])
+def test_moments_track_fp64_reference_and_bound_holds(backend, sr):
+    """Adversarial grads: sign flips, 1e6 spikes, zeros, beta edits. After every step each
+    code is in [-127, 127], |m| <= sqrt(v), and the decoded state is the float64 reference's
+    within what rounding can add (worst case, no statistics): bf16 v gains at most one
+    rounding (relative d = 2**-8 nearest, 2**-7 stochastic) per step; the decoded m at most
+    half a code (nearest) or one code (stochastic) of sqrt(v) per step, decaying with beta,
+    plus a clamp where v rounded below m**2 (relative d of m)."""
+    ps = fresh()
+    opt = TiedAdamW(ps, beta=0.9, state_dtype="ratio8", stochastic_rounding=sr, backend=backend,
+                    **HYPER)
+    n = ps[0].numel()
+    base = torch.randn(n)
+    grads_seq, betas = [], []
+    for t in range(12):
+        g = base * (-1) ** t  # sign flips
+        if t == 3:
+            g = g.clone()
+            g[::5] = 1e6  # spikes
+        if t in (5, 6):
+            g = torch.zeros(n)  # zeros
+        if t == 8:
+            g = torch.randn(n) * 1e-3
+        grads_seq.append([g, torch.randn(7), torch.randn(1)])
+        betas.append(0.9 if t < 6 else (0.5 if t < 9 else 0.99))  # beta edits (<= max_beta)
+    ref = f64_reference(ps, grads_seq, betas, **HYPER)
+    d = 2.0 ** -7 if sr else 2.0 ** -8
+    code = (1.0 if sr else 0.5) / ratio8.LEVELS
+    m_err = [torch.zeros(p.numel(), dtype=torch.float64) for p in ps]
+    v_rel = 0.0
+    for t, (grads, b) in enumerate(zip(grads_seq, betas)):
+        opt.param_groups[0]["beta"] = b
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        _, m_ref, v_ref = ref[t]
+        v_rel = v_rel + d + 1e-6
+        for i, p in enumerate(ps):
+            q = opt.state[p]["exp_avg"]
+            assert q.dtype == torch.int8 and int(q.min()) >= -127 and int(q.max()) <= 127
+            m, v = decoded(opt, p)
+            assert torch.isfinite(m).all() and (m.double() ** 2 <= v.double() * (1 + 1e-6)).all()
+            v_bad = (v.double() - v_ref[i]).abs() > v_rel * v_ref[i] + 1e-30
+            assert not v_bad.any(), f"step {t} param {i}: v of {int(v_bad.sum())} elements off"
+            m_err[i] = (b * m_err[i] + code * (v_ref[i] * (1 + v_rel)).sqrt()
+                        + d * m_ref[i].abs() + 1e-12)
+            m_bad = (m.double() - m_ref[i]).abs() > m_err[i]
+            assert not m_bad.any(), f"step {t} param {i}: m of {int(m_bad.sum())} elements off"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_amp_scaler_steps_and_skips_ratio8(backend):
+    """GradScaler: scaled grads are unscaled in the step (the codes match an unscaled run's),
+    and a step with an inf grad changes nothing."""
+    ps = fresh(sizes=[300, 7])
+    twin = clone(ps)
+    kw = dict(beta=0.95, state_dtype="ratio8", stochastic_rounding=False, backend=backend,
+              **HYPER)
+    opt, plain = TiedAdamW(ps, **kw), TiedAdamW(twin, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in ps]
+        scaler.scale(sum((p * g).sum() for p, g in zip(ps, grads))).backward()  # grad = g
+        if step == 2:  # an overflow: nothing may change
+            ps[1].grad[3] = float("inf")
+            snap = ([p.detach().clone() for p in ps],
+                    [{k: v.clone() for k, v in opt.state[p].items()} for p in ps])
+        scaler.step(opt)
+        scaler.update()
+        if step == 2:
+            for p, p0, s0 in zip(ps, *snap):
+                assert torch.equal(p, p0)
+                assert all(torch.equal(opt.state[p][k], s0[k]) for k in s0)
+        else:
+            for p, g in zip(twin, grads):
+                p.grad = g
+            plain.step()
+        opt.zero_grad()
+    for a, b in zip(ps, twin):
+        # the scale is a power of two: unscaling is exact, so the runs agree bit for bit
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg"], plain.state[b]["exp_avg"])
+
+
+def test_interpreter_matches_compiled_cpu_step_bitwise():
+    """Round to nearest: the Triton kernel (interpreted) and the compiled CPU step (what
+    ZeRO-Offload runs) give the same codes, v and params bit for bit (Note [ratio8
+    arithmetic]); fp32 params and bf16 params with master weights."""
+    from tiedadam.kernels import tied_adamw_cpu as C
+    from tiedadam.optim import torch_backend
+    C.reset_fallback()  # another test may have made this process fall back (Note [cpu fallback])
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
+        a = fresh(dtype, sizes=[70000, 33])
+        b = clone(a)
+        kw = dict(beta=0.95, state_dtype="ratio8", stochastic_rounding=False,
+                  master_weights=master, **HYPER)
+        ta = TiedAdamW(a, backend="triton", **kw)
+        tb = TiedAdamW(b, backend="torch", **kw)
+        old = torch_backend.USE_COMPILED_CPU_STEP
+        torch_backend.USE_COMPILED_CPU_STEP = True
+        try:
+            for _ in range(4):
+                for x, y in zip(a, b):
+                    g = torch.randn_like(x)
+                    g[::50] = 0
+                    x.grad, y.grad = g.clone(), g.clone()
+                ta.step()
+                tb.step()
+        finally:
+            torch_backend.USE_COMPILED_CPU_STEP = old
+        assert C.compiled_available()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(ta.state[x][k], tb.state[y][k]), k
+            if master:
+                assert torch.equal(ta.state[x]["master_param"], tb.state[y]["master_param"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True),
+                                           (torch.bfloat16, False), (torch.float16, True)])
+def test_every_param_dtype_steps_close_to_fp32_states(backend, dtype, master):
+    """ratio8 against the same run with fp32 states: the params move the same way (the update
+    differs by the quantization noise, a percent of its size)."""
+    a = fresh(dtype, sizes=[4000])
+    b = clone(a)
+    kw = dict(beta=0.95, master_weights=master, backend=backend, **HYPER)
+    ta = TiedAdamW(a, state_dtype="ratio8", **kw)
+    tb = TiedAdamW(b, **kw)
+    start = a[0].detach().float().clone()
+    for _ in range(5):
+        g = torch.randn(4000, dtype=dtype)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        ta.step()
+        tb.step()
+    da, db = a[0].detach().float() - start, b[0].detach().float() - start
+    cos = torch.nn.functional.cosine_similarity(da, db, dim=0)
+    assert cos > 0.99, float(cos)
+    assert ta.state[a[0]]["exp_avg"].dtype == torch.int8
+    assert ta.state[a[0]]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_fp64_params_keep_fp64_state():
+    p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    opt = TiedAdamW([p], beta=0.9, state_dtype="ratio8", backend="torch", **HYPER)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float64
+
+
+def test_state_bytes_is_three_per_element():
+    ps = fresh(sizes=[10000, 5000])
+    opt = TiedAdamW(ps, beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    steps = 4 * len(ps)  # one fp32 step count per param
+    assert opt.state_bytes()["cpu"] - steps == 3 * 15000
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_beta_above_the_bound_is_refused_everywhere():
+    ps = fresh()
+    over = ratio8.max_beta() + 1e-3
+    with pytest.raises(ValueError, match="ratio8.*beta <= 0.99"):
+        TiedAdamW(ps, beta=over, state_dtype="ratio8")
+    opt = TiedAdamW(ps, beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    with pytest.raises(ValueError, match="ratio8"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "beta": over})
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snap = {k: v.clone() for k, v in opt.state[ps[0]].items()}
+    p0 = [p.detach().clone() for p in ps]
+    opt.param_groups[0]["beta"] = over  # an edit: refused at the step, before any change
+    with pytest.raises(ValueError, match="ratio8"):
+        opt.step()
+    assert all(torch.equal(opt.state[ps[0]][k], v) for k, v in snap.items())
+    assert all(torch.equal(a, b) for a, b in zip(ps, p0))
+    opt.param_groups[0]["beta"] = 0.95
+    sd = opt.state_dict()
+    sd["param_groups"][0]["beta"] = over
+    sd["param_groups"][0]["betas"] = (over, over)
+    with pytest.raises(ValueError, match="ratio8"):
+        opt.load_state_dict(sd)
+
+
+def test_unknown_state_dtype_names_the_choices():
+    with pytest.raises(ValueError, match="state_dtype='ratio9'.*'ratio8'"):
+        TiedAdamW(fresh(), state_dtype="ratio9")
+
+
+def test_saved_codes_of_another_dtype_are_refused():
+    ps = fresh()
+    opt = TiedAdamW(ps, beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.int16)
+    with pytest.raises(ValueError, match="exp_avg"):
+        TiedAdamW(clone(ps), beta=0.95, state_dtype="ratio8").load_state_dict(sd)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def train(opt, ps, grads):
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("sr", [True, False])
+def test_state_dict_round_trips_bitwise_and_resume_is_exact(backend, sr):
+    ps = fresh()
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(6)]
+    kw = dict(beta=0.95, state_dtype="ratio8", stochastic_rounding=sr, backend=backend,
+              seed=5, **HYPER)
+    full = TiedAdamW(clone(ps), **kw)
+    full_ps = full.param_groups[0]["params"]
+    train(full, full_ps, grads)
+    first_ps = clone(ps)
+    first = TiedAdamW(first_ps, **kw)
+    train(first, first_ps, grads[:3])
+    sd = roundtrip(first.state_dict())
+    assert sd["param_groups"][0]["state_dtype"] == "ratio8"
+    assert sd["state"][0]["exp_avg"].dtype == torch.int8
+    resumed_ps = clone(first_ps)
+    resumed = TiedAdamW(resumed_ps, **kw)
+    resumed.load_state_dict(sd)
+    for k, v in sd["state"][0].items():  # loaded as saved, bit for bit
+        assert torch.equal(resumed.state[resumed_ps[0]][k], v), k
+    train(resumed, resumed_ps, grads[3:])
+    for a, b in zip(full_ps, resumed_ps):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(full.state[a][k], resumed.state[b][k])
+
+
+def test_dequantize_state_dict_loads_into_torch_adamw_and_fp32_tiedadamw():
+    ps = fresh()
+    opt = TiedAdamW(ps, beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    train(opt, ps, [[torch.randn_like(p) for p in ps] for _ in range(3)])
+    sd = opt.state_dict()
+    saved = {k: v.clone() for k, v in sd["state"][0].items()}
+    fp32 = tiedadam.dequantize_state_dict(sd)
+    assert all(torch.equal(sd["state"][0][k], v) for k, v in saved.items())  # input unchanged
+    st = fp32["state"][0]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+    m, v = decoded(opt, ps[0])
+    assert torch.equal(st["exp_avg"], m) and torch.equal(st["exp_avg_sq"], v)
+    assert fp32["param_groups"][0]["state_dtype"] == "float32"
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(2)]
+    a, b = clone(ps), clone(ps)
+    ref = torch.optim.AdamW(a, betas=(0.95, 0.95), foreach=False, **HYPER)
+    ref.load_state_dict(fp32)
+    ours = TiedAdamW(b, beta=0.95, backend="torch", **HYPER)
+    ours.load_state_dict(fp32)
+    assert ours.state[b[0]]["exp_avg"].dtype == torch.float32
+    train(ref, a, grads)
+    train(ours, b, grads)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_loading_converts_between_ratio8_and_other_state_dtypes():
+    ps = fresh()
+    fp = TiedAdamW(ps, beta=0.95, backend="torch", **HYPER)
+    train(fp, ps, [[torch.randn_like(p) for p in ps] for _ in range(3)])
+    sd = fp.state_dict()
+    # a saved group without state_dtype (torch.optim.AdamW's) keeps the loading group's
+    del sd["param_groups"][0]["state_dtype"]
+    r8 = TiedAdamW(clone(ps), beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    r8.load_state_dict(sd)  # fp32 moments -> codes against the bf16 v (to nearest)
+    p = r8.param_groups[0]["params"][0]
+    st = r8.state[p]
+    assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.bfloat16
+    m32, v32 = sd["state"][0]["exp_avg"], sd["state"][0]["exp_avg_sq"]
+    assert torch.equal(st["exp_avg_sq"], v32.to(torch.bfloat16))
+    assert torch.equal(st["exp_avg"], ratio8.encode(m32, st["exp_avg_sq"]))
+    back = TiedAdamW(clone(ps), beta=0.95, state_dtype=torch.bfloat16, backend="torch", **HYPER)
+    sd8 = r8.state_dict()
+    del sd8["param_groups"][0]["state_dtype"]
+    back.load_state_dict(sd8)  # codes -> decoded m in bf16
+    q = back.param_groups[0]["params"][0]
+    m, _ = decoded(r8, p)
+    assert torch.equal(back.state[q]["exp_avg"], m.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_option_edit_to_and_from_ratio8_converts_at_the_next_step(backend):
+    ps = fresh()
+    opt = TiedAdamW(ps, beta=0.95, backend=backend, **HYPER)
+    train(opt, ps, [[torch.randn_like(p) for p in ps] for _ in range(2)])
+    m32 = opt.state[ps[0]]["exp_avg"].clone()
+    v32 = opt.state[ps[0]]["exp_avg_sq"].clone()
+    opt.param_groups[0]["state_dtype"] = "ratio8"
+    sd = opt.state_dict()  # settles the edit: converted as a load would
+    vb = v32.to(torch.bfloat16)
+    assert torch.equal(sd["state"][0]["exp_avg_sq"], vb)
+    assert torch.equal(sd["state"][0]["exp_avg"], ratio8.encode(m32, vb))
+    train(opt, ps, [[torch.randn_like(p) for p in ps]])
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.int8
+    opt.param_groups[0]["state_dtype"] = "float32"
+    train(opt, ps, [[torch.randn_like(p) for p in ps]])
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.float32

@@ -1,0 +1,111 @@
+"""ratio8 moments: exp_avg as an int8 ratio of sqrt(exp_avg_sq), with no block scale. The torch
+form of the codec (the CPU paths, checkpoint conversion, ``dequantize_state_dict``); the Triton
+kernel has the same one in registers (Note [ratio8] in tied_adamw.py). Only torch here.
+
+Note [ratio8]
+-------------
+With beta1 = beta2 = beta the first moment is bounded by the second, element by element, at
+every step and for any grads and beta edits: (b m + (1-b) g)^2 <= b m^2 + (1-b) g^2 <= b v +
+(1-b) g^2 by convexity, so m^2 <= v before a step gives it after, and m = v = 0 starts it. So
+r = m / sqrt(v) lies in [-1, 1], and exp_avg can be stored as r in 8 bits with nothing per
+block: a tensor cut anywhere (FSDP2 shards, ZeRO partitions) keeps every element decodable on
+its own. exp_avg_sq stays v, in bf16 (the bf16-state mode's format, and torch's meaning of the
+key, so a checkpoint reads the same and converts by one multiplication), at the cost of one
+square root per element to decode.
+
+* Code: ``CODE`` names it. "linear": q = 127 r, |q| <= 127 (int8, -128 unused), a step of 1/127
+  everywhere. "sqrt" (companded): q = 127 sign(r) sqrt(|r|), r = sign(q) (q/127)^2: finer steps
+  near r = 0, where noisy coordinates sit, 2/127 near |r| = 1. perf/ratio8_study.py measures
+  both; which one is used, and why, is written where CODE is set.
+* Rounding: stochastic and unbiased *in r*: between the two codes around r, the upper one with
+  probability (r - r_lo) / (r_hi - r_lo) (16 random bits: the low half of what a bf16 exp_avg
+  would use; exp_avg_sq takes the high half, as in the bf16-state mode), or to the nearest
+  code (``stochastic_rounding=False``, and every conversion of a checkpoint or option edit).
+* Encoding is against the *stored* v (after its own rounding), and r is clamped to [-1, 1], so
+  a decoded |m| = |r| sqrt(v) never exceeds sqrt(v): the bound holds for the stored state, not
+  only in exact arithmetic, and the next step's m^2 <= v follows.
+* Where v = 0 (no grad yet, or only zero grads), m = 0: r = 0.
+* beta bound: an EMA step moves r by (1 - beta)(g / sqrt(v) - r), about (1 - beta) in size;
+  rounding is unbiased, but a step below the code's step drowns in its noise. So beta <=
+  1 - 1/127 (linear; 1 - 2/127 for "sqrt", whose coarsest step is 2/127), refused above
+  (group_rules.check_beta_for_state); the bf16 v needs beta <= 1 - 2**-8, a weaker bound.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NAME = "ratio8"  # the state_dtype value (a string: JSON configs, state dicts)
+LEVELS = 127  # |q| <= LEVELS
+# The code in use (Note [ratio8]). perf/ratio8_study.py trains with both (this switch, read
+# at every launch and conversion, is how it chooses); "linear": see the study's reading in
+# docs/performance.md.
+CODE = "linear"
+
+
+def max_beta(code: str | None = None) -> float:
+    """The largest beta whose EMA step the code still resolves (Note [ratio8])."""
+    step = 1.0 if (code or CODE) == "linear" else 2.0
+    return 1.0 - step / LEVELS
+
+
+# Note [ratio8 arithmetic]: every backend decodes and encodes with these operations, in this
+# order, in fp32: decode m = (q * INV_LEVELS) * sqrt(v); encode x = (m * rsqrt(max(v, TINY)))
+# * LEVELS, clamped to [-LEVELS, LEVELS] with NaN going to -LEVELS (maxNum/minNum, what a GPU's
+# min/max instructions do: a NaN v decodes to NaN whatever the code), then rounded half to
+# even, or floor(x + u) with u = 16 random bits * 2**-16 (unbiased: E[floor(x + u)] = x).
+# TINY (the smallest normal fp32) keeps v = 0 (no grad yet, zero grads, where m = 0 too) at
+# code 0 without a select, and subnormal v away from the GPU's flush to zero. The step that
+# uses them (tied_adamw_cpu.py, the kernel) then computes the update as sqrt(v) * (1 /
+# sqrt(c)) + eps and one division, in that order. The compiled CPU step and the Triton
+# interpreter give the same codes, states and params bit for bit when rounding to nearest
+# (tests/test_ratio8.py); a GPU's sqrt, rsqrt and division are the fast approximations (a few
+# ulp), so its codes may differ from the CPU's by one at a rounding boundary.
+INV_LEVELS = float(torch.tensor(1.0 / LEVELS, dtype=torch.float32))
+TINY = float(torch.finfo(torch.float32).tiny)
+NOISE_SCALE = 2.0 ** -16  # 16 random bits -> u in [0, 1)
+
+
+def decode_ratio(q: Tensor, code: str | None = None) -> Tensor:
+    """int8 codes -> r in [-1, 1] (fp32)."""
+    x = q.float() * INV_LEVELS
+    return x if (code or CODE) == "linear" else x * x.abs()
+
+
+def decode(q: Tensor, v: Tensor, code: str | None = None) -> Tensor:
+    """exp_avg (fp32) from its codes and the stored exp_avg_sq."""
+    return decode_ratio(q, code) * v.float().sqrt()
+
+
+def encode(m: Tensor, v: Tensor, noise: Tensor | None = None,
+           code: str | None = None) -> Tensor:
+    """int8 codes of m against the stored v (Note [ratio8 arithmetic]): to the nearest code, or
+    stochastically with 16 random bits per element ``noise`` (int32 in [0, 2**16)), unbiased
+    in r."""
+    r = m.float() * torch.rsqrt(v.float().clamp_min(TINY))
+    if (code or CODE) == "linear":
+        x = _clamp(r * LEVELS, LEVELS)
+        q = torch.round(x) if noise is None else torch.floor(x + noise.float() * NOISE_SCALE)
+        return q.to(torch.int8)
+    # companded: nearest, or stochastic and unbiased, in r between the codes around it
+    r = _clamp(r, 1.0)
+    lo = torch.floor(r.sign() * r.abs().sqrt() * LEVELS)
+    rl, rh = _decode_x(lo), _decode_x(lo + 1)
+    if noise is None:
+        q = torch.where(r - rl < rh - r, lo, lo + 1)
+    else:
+        p = (r - rl) / (rh - rl)
+        q = lo + (noise.float() * NOISE_SCALE < p).float()
+    return q.clamp(-LEVELS, LEVELS).to(torch.int8)
+
+
+def _clamp(x: Tensor, bound: float) -> Tensor:
+    """x clamped to [-bound, bound], NaN to -bound (Note [ratio8 arithmetic])."""
+    return torch.where(x != x, -bound, x).clamp(-bound, bound)
+
+
+def _decode_x(x: Tensor) -> Tensor:
+    """r of a (float) code of the companded scale."""
+    y = x * INV_LEVELS
+    return y * y.abs()

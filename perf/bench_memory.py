@@ -21,7 +21,8 @@ from bench_step import llama_shapes  # noqa: E402
 from common import OUT_HELP, SCRATCH, barh, gpu_snapshot, machine, progress, release, versions, write_json  # noqa: E402
 from providers import PROVIDERS, Unavailable, make_optimizer, state_bytes  # noqa: E402
 
-DEFAULT = ("tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-pure-bf16,"
+DEFAULT = ("tiedadam,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-ratio8,"
+           "tiedadam-pure-bf16,"
            "torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit")
 
 

@@ -11,6 +11,9 @@ and torch.optim.AdamW(fused=True):
     tiedadam-bf16-nearest     bf16 moments, round to nearest (compiled step)
     tiedadam-bf16-torch-ops   bf16 moments, stochastic, on the torch-op path (what runs without
                               a C++ compiler, and what ran before the compiled step)
+    tiedadam-ratio8-sr        ratio8 moments (int8 codes of m / sqrt(v), bf16 v), stochastic
+                              rounding, compiled step: 18 bytes moved per parameter
+    tiedadam-ratio8-nearest   ratio8, round to nearest (compiled step)
 
 and, on request, the modes for bf16 params (each with its own bf16 copy of the partition):
 tiedadam-master-bf16 (fp32 master weights and moments), tiedadam-pure-bf16-sr (bf16 moments,
@@ -49,6 +52,11 @@ MODES = {
     "tiedadam-bf16-nearest": ("tiedadam", dict(state_dtype=BF16, stochastic_rounding=False),
                               20, True),
     "tiedadam-bf16-torch-ops": ("tiedadam", dict(state_dtype=BF16), 20, False),
+    # ratio8 moments (int8 codes of m / sqrt(v), bf16 v): read p, g fp32, m 1, v 2; write p, m,
+    # v: 18 bytes, and 7 B/param of host state with the fp32 partition
+    "tiedadam-ratio8-sr": ("tiedadam", dict(state_dtype="ratio8"), 18, True),
+    "tiedadam-ratio8-nearest": ("tiedadam", dict(state_dtype="ratio8",
+                                                 stochastic_rounding=False), 18, True),
     # bf16 params (not ZeRO-Offload's case, whose partitions are fp32; the other CPU modes):
     # fp32 master + fp32 moments (read p, g bf16, w, m, v; write p bf16, w, m, v: 32 bytes),
     # pure bf16 with stochastic rounding of the param (bf16 everything: 14 bytes)
@@ -58,7 +66,8 @@ MODES = {
     "deepspeed-cpu": ("deepspeed-cpu", None, 28, True),
     "torch-fused": ("torch-fused", None, 28, True),
 }
-DEFAULT = "tiedadam,tiedadam-bf16-sr,tiedadam-bf16-nearest,deepspeed-cpu,torch-fused"
+DEFAULT = ("tiedadam,tiedadam-bf16-sr,tiedadam-bf16-nearest,tiedadam-ratio8-sr,"
+           "tiedadam-ratio8-nearest,deepspeed-cpu,torch-fused")
 
 
 def rss_bytes() -> int:
@@ -155,7 +164,9 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
 
 
 TARGETS = {"tiedadam-bf16-sr": ("speedup_vs_deepspeed_cpu_adam", 1.0),
-           "tiedadam-bf16-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.0)}
+           "tiedadam-bf16-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.0),
+           "tiedadam-ratio8-sr": ("speedup_vs_deepspeed_cpu_adam", 1.3),
+           "tiedadam-ratio8-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.3)}
 
 
 def main(argv=None) -> int:

@@ -123,6 +123,8 @@ PROVIDERS: dict[str, Provider] = {
     "tiedadam-bf16-state": Provider(_tied(state_dtype=BF16), torch.float32, 20),
     "tiedadam-pure-bf16": Provider(_tied(state_dtype=BF16, param_stochastic_rounding=True),
                                    BF16, 14),
+    # ratio8 moments: read p, g fp32, m int8, v bf16; write p, m, v (Note [ratio8])
+    "tiedadam-ratio8": Provider(_tied(state_dtype="ratio8"), torch.float32, 18),
     "tiedadam-telemetry": Provider(_tied(telemetry=True), torch.float32, 28),
     "torch-foreach": Provider(_torch(foreach=True), torch.float32, 28),
     "torch-fused": Provider(_torch(fused=True), torch.float32, 28),

@@ -108,6 +108,39 @@ def precision_table(rel="perf/results/cpu/precision_study.json") -> str:
             f"lr={c['lr']}; " + machine_line({"machine_before": d["machine"], **d})[1:])
 
 
+RATIO8 = "perf/results/cpu/precision_ratio8/precision_study.json"
+
+
+def ratio8_table(rel=RATIO8) -> str:
+    """ratio8 against fp32/bf16 states, untied AdamW and the 8-bit peers, one table per beta
+    (perf/precision_study.py --betas ...)."""
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    out = []
+    for beta in sorted({s["beta"] for s in d["summary"]}):
+        rows = [s for s in d["summary"] if s["beta"] == beta]
+        lines = [f"**β = {beta}**", "",
+                 "| mode | val loss (mean) | seed range | val − fp32 | mean \|curve gap\| | "
+                 "update RMS | max \|u\| | state B/param |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            u = r.get("update") or {}
+            rms = f"{u['update_rms']:.3f}" if u else "–"
+            mx = f"{u['max_abs_u']:.3f}" if u else "–"
+            lines.append(f"| {r['mode']} | {r['val_loss']:.4f} | {r['val_loss_min']:.4f}–"
+                         f"{r['val_loss_max']:.4f} | {r['val_gap_vs_fp32']:+.4f} | "
+                         f"{r['mean_abs_curve_gap']:.4f} | {rms} | {mx} | "
+                         f"{r['state_bytes_per_param']:.2f} |")
+        out.append("\n".join(lines))
+    m, c = d["model"], d["config"]
+    skipped = ", ".join(d.get("skipped") or []) or "none"
+    return ("\n\n".join(out) + f"\n\n*{m['params']:,}-parameter LM ({m['n_layers']} layers, "
+            f"d={m['d_model']}), {c['steps']} steps, {c['seeds']} seeds, lr={c['lr']}; untied = "
+            f"torch.optim.AdamW(betas=(β, 0.999)); 8-bit peers with betas (β, β); skipped: "
+            f"{skipped}; " + machine_line({"machine_before": d["machine"], **d})[1:])
+
+
 def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
     d = _load(rel)
     if d is None:
@@ -230,6 +263,26 @@ def summary_table() -> str:
                     f"{f32['state_bytes_per_param']:.0f}); {min(sr):.2f}–{max(sr):.2f}× "
                     f"DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
                     f"(perf/results/cpu/bench_offload.json) |")
+        r8 = [r for r in rs if r["provider"] == "tiedadam-ratio8-sr"]
+        if r8:
+            sp = {f"{r['numel'] / 1e6:.0f}M": r["speedup_vs_deepspeed_cpu_adam"] for r in r8}
+            rows.append(f"| ZeRO-Offload CPU step, ratio8 moments (stochastic rounding) | "
+                        f"{r8[0]['state_bytes_per_param']:.0f} B/param of host state; "
+                        + ", ".join(f"{v:.2f}× at {k}" for k, v in sp.items())
+                        + f" DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
+                        f"(perf/results/cpu/bench_offload.json) |")
+    r = _load(RATIO8)
+    if r is not None:
+        parts = []
+        for beta in sorted({x["beta"] for x in r["summary"]}):
+            by = {x["mode"]: x for x in r["summary"] if x["beta"] == beta}
+            if "ratio8" in by:
+                f = by["fp32"]
+                parts.append(f"β {beta}: {by['ratio8']['val_gap_vs_fp32']:+.4f} (fp32 seed range "
+                             f"{f['val_loss_max'] - f['val_loss_min']:.4f})")
+        rows.append(f"| ratio8 moments, val loss − fp32 states (small LM, "
+                    f"{r['config']['seeds']} seeds) | {'; '.join(parts)} | {where(r)} | "
+                    f"[precision_study.json]({RATIO8}) |")
     q = _load("perf/results/cpu/precision_study.json")
     if q is not None:
         gaps = {x["mode"]: x["val_gap_vs_fp32"] for x in q["summary"] if x["mode"] != "fp32"}
@@ -284,6 +337,7 @@ def variants_table(rel) -> str:
 BLOCKS = {
     "beta_study": beta_table,
     "precision_study": precision_table,
+    "ratio8_study": ratio8_table,
     "cpu_offload": offload_table,
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),

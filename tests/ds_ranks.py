@@ -126,7 +126,8 @@ def state_footprint(engine) -> dict:
     held += sum(st[k].numel() * st[k].element_size() for st in tied.state.values()
                 for k in ("exp_avg", "exp_avg_sq"))
     return dict(bytes_per_param=held / numel,
-                state_dtypes=sorted({str(st["exp_avg"].dtype) for st in tied.state.values()}))
+                state_dtypes=sorted({str(st["exp_avg"].dtype) for st in tied.state.values()}),
+                v_dtypes=sorted({str(st["exp_avg_sq"].dtype) for st in tied.state.values()}))
 
 
 def stream_keys(engine) -> dict:
@@ -168,12 +169,13 @@ def parity(rank, world, stage, precision, offload, steps):
     return ours, ref
 
 
-def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
+def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir, state_dtype=None):
     """Uninterrupted run (saving at ``at``) vs fresh engine + load + continue."""
     data = batches(rank, steps)
     torch.manual_seed(0)
     base = Net()
-    cfg = ds_config(stage, precision, offload=offload)
+    cfg = ds_config(stage, precision, offload=offload,
+                    opt_params={"state_dtype": state_dtype} if state_dtype else None)
     # the uninterrupted run saves at ``at`` on its way (saving changes nothing it trains)
     whole = train(cfg, copy.deepcopy(base), data, ckpt=(ckpt_dir, "save", at), stage=stage)
     torch.manual_seed(123)  # the resumed model starts from different weights: load must fix it
@@ -181,10 +183,11 @@ def resume(rank, world, stage, precision, offload, steps, at, ckpt_dir):
     return whole, resumed
 
 
-def bf16_state_offload(rank, world, steps, at, ckpt_dir):
-    """ZeRO-Offload, stages 1-3, ``"state_dtype": "bfloat16"`` in the JSON config (stochastic
-    rounding, the compiled CPU step): an fp32-state run, a bf16-state run that saves at ``at``,
-    and that checkpoint loaded into a fresh engine and continued."""
+def compact_state_offload(rank, world, state_dtype, steps, at, ckpt_dir):
+    """ZeRO-Offload, stages 1-3, ``"state_dtype": state_dtype`` in the JSON config ("bfloat16"
+    or "ratio8"; stochastic rounding, the compiled CPU step): an fp32-state run, a run in that
+    state dtype that saves at ``at``, and that checkpoint loaded into a fresh engine and
+    continued."""
     from tiedadam.optim import torch_backend
     torch_backend.USE_COMPILED_CPU_STEP = True  # the suite turns it off (tests/conftest.py)
     data = batches(rank, steps)
@@ -193,7 +196,7 @@ def bf16_state_offload(rank, world, steps, at, ckpt_dir):
     out = {}
     for stage in (1, 2, 3):
         cfg32 = ds_config(stage, "fp32", offload=True)
-        cfg16 = ds_config(stage, "fp32", offload=True, opt_params={"state_dtype": "bfloat16"})
+        cfg16 = ds_config(stage, "fp32", offload=True, opt_params={"state_dtype": state_dtype})
         fp32 = train(cfg32, copy.deepcopy(base), data, stage=stage)
         whole = train(cfg16, copy.deepcopy(base), data,
                       ckpt=(f"{ckpt_dir}/{stage}", "save", at), stage=stage)

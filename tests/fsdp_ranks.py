@@ -40,9 +40,11 @@ def groups(model):
             {"params": rest, "weight_decay": 0.0, "lr": 5e-3}]
 
 
-def make_opt(kind, params):
-    if kind == "tied":
-        return TiedAdamW(params, lr=1e-2, beta=BETA, weight_decay=0.1, backend="triton")
+def make_opt(kind, params, how=""):
+    if kind == "tied":  # "...-ratio8": ratio8 moments (int8 codes and bf16 v, sharded as p)
+        extra = {"state_dtype": "ratio8"} if how.endswith("-ratio8") else {}
+        return TiedAdamW(params, lr=1e-2, beta=BETA, weight_decay=0.1, backend="triton",
+                         **extra)
     return torch.optim.AdamW(params, lr=1e-2, betas=(BETA, BETA), weight_decay=0.1,
                              foreach=False)
 
@@ -131,22 +133,24 @@ def checkpoint(rank, world, how, steps, at, path):
     base = Net()
     data = batches(rank, steps)
     model = wrap(copy.deepcopy(base), how, world)
-    opt = make_opt("tied", groups(model))
+    opt = make_opt("tied", groups(model), how)
     whole = train(model, opt, data)
     whole_params = full_params(model)
 
     model = wrap(copy.deepcopy(base), how, world)
-    opt = make_opt("tied", groups(model))
+    opt = make_opt("tied", groups(model), how)
     train(model, opt, data[:at])
     tfsdp.save(path, model, opt)
 
     torch.manual_seed(99)  # different initial weights: the load must restore everything
     model = wrap(Net(), how, world)
-    opt = make_opt("tied", groups(model))
+    opt = make_opt("tied", groups(model), how)
     tfsdp.load(path, model, opt)
     resumed = train(model, opt, data[at:])
     return dict(whole=whole[at:], resumed=resumed, whole_params=whole_params,
-                resumed_params=full_params(model))
+                resumed_params=full_params(model),
+                state_dtypes=sorted({str(s["exp_avg"].dtype) for s in opt.state.values()}),
+                state_types=sorted({type(s["exp_avg"]).__name__ for s in opt.state.values()}))
 
 
 def resume_on_one_rank(rank, world, path, n_ranks_saved, steps, at):

@@ -61,29 +61,41 @@ def test_config_entry_matches_deepspeed_adamw(stage, precision, offload):
         assert_same_training(ours, ref, precision)
 
 
-@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (3, False), (2, True),
-                                            (3, True)])
-def test_checkpoint_resume_is_bitwise(stage, offload, tmp_path):
+@pytest.mark.parametrize("stage, offload, state_dtype", [
+    (1, False, None), (2, False, None), (3, False, None), (2, True, None), (3, True, None),
+    (1, False, "ratio8"), (3, False, "ratio8")])
+def test_checkpoint_resume_is_bitwise(stage, offload, state_dtype, tmp_path):
+    """state_dtype "ratio8": the int8 codes and bf16 v partitions (the Triton kernel,
+    interpreted) save and load through DeepSpeed's checkpoint as they are."""
     at = 3
     for whole, resumed in run_ranks(ds_ranks.resume, stage, "fp32", offload, STEPS, at,
-                                    str(tmp_path)):
+                                    str(tmp_path), state_dtype):
+        if state_dtype:
+            assert whole["state_dtypes"] == resumed["state_dtypes"] == ["torch.int8"]
         assert resumed["losses"] == whole["losses"][at:]
         for a, b in zip(resumed["params"], whole["params"]):
             assert torch.equal(a, b)
 
 
-def test_offload_with_bf16_states_tracks_fp32_and_resumes_bitwise(tmp_path):
-    """``"state_dtype": "bfloat16"`` in the JSON config under ZeRO-Offload, stages 1-3: 8 bytes
-    of optimizer state per parameter instead of 12 (fp32 partition + two bf16 moments), losses
-    within bf16-state noise of the fp32-state run, and save -> load -> continue bit for bit
-    (the rounding noise is a function of the seed and the step, nothing to restore)."""
+@pytest.mark.parametrize("state_dtype, moments, host_bytes", [
+    ("bfloat16", ("torch.bfloat16", "torch.bfloat16"), 8),
+    ("ratio8", ("torch.int8", "torch.bfloat16"), 7)])
+def test_offload_with_compact_states_tracks_fp32_and_resumes_bitwise(state_dtype, moments,
+                                                                      host_bytes, tmp_path):
+    """``"state_dtype": "bfloat16"`` or ``"ratio8"`` in the JSON config under ZeRO-Offload,
+    stages 1-3: 8 (bf16 moments) or 7 (int8 codes + bf16 v) bytes of host optimizer state per
+    parameter instead of 12 (the fp32 partition + moments), losses within rounding noise of
+    the fp32-state run, and save -> load -> continue bit for bit (the rounding noise is a
+    function of the seed and the step, nothing to restore)."""
     at = 3
-    for out in run_ranks(ds_ranks.bf16_state_offload, STEPS, at, str(tmp_path)):
+    for out in run_ranks(ds_ranks.compact_state_offload, state_dtype, STEPS, at,
+                         str(tmp_path)):
         assert out["compiled_modes"] >= 1  # the offloaded step went through the compiled path
         for stage in (1, 2, 3):
             fp32, whole, resumed = (out[stage][k] for k in ("fp32", "whole", "resumed"))
             assert fp32["state_dtypes"] == ["torch.float32"] and fp32["bytes_per_param"] == 12
-            assert whole["state_dtypes"] == ["torch.bfloat16"] and whole["bytes_per_param"] == 8
+            assert (whole["state_dtypes"] + whole["v_dtypes"]) == list(moments)
+            assert whole["bytes_per_param"] == host_bytes
             torch.testing.assert_close(torch.tensor(whole["losses"]),
                                        torch.tensor(fp32["losses"]), rtol=2e-2, atol=1e-4)
             assert not all(torch.equal(a, b) for a, b in zip(whole["params"], fp32["params"]))

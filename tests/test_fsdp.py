@@ -46,22 +46,28 @@ def test_fresh_optimizer_state_dict_leaves_model_unchanged():
         assert r["same"] and r["lrs"] == [1e-2, 5e-3]
 
 
-@pytest.mark.parametrize("how", ["fsdp2", "fsdp1", "fsdp1-orig"])
+@pytest.mark.parametrize("how", ["fsdp2", "fsdp2-ratio8", "fsdp1", "fsdp1-orig"])
 def test_dcp_resume_on_same_ranks_is_bitwise(how, tmp_path):
     for r in run_ranks(fsdp_ranks.checkpoint, how, STEPS, AT, str(tmp_path / "ck")):
+        if how == "fsdp2-ratio8":  # int8 codes sharded like the param (DTensor), saved by DCP
+            assert r["state_dtypes"] == ["torch.int8"] and r["state_types"] == ["DTensor"]
         assert r["resumed"] == r["whole"]
         for a, b in zip(r["resumed_params"], r["whole_params"]):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("how", ["fsdp2", "fsdp1-orig"])
+@pytest.mark.parametrize("how", ["fsdp2", "fsdp2-ratio8", "fsdp1-orig"])
 def test_dcp_saved_on_two_ranks_continues_on_one(how, tmp_path):
     path = str(tmp_path / "ck")
     r = run_ranks(fsdp_ranks.checkpoint, how, STEPS, AT, path)[0]
     one, = run_ranks(fsdp_ranks.resume_on_one_rank, path, 2, STEPS, AT, world=1)
-    # one rank sees both ranks' batches at once: the same mean gradient, summed in another order
+    # one rank sees both ranks' batches at once: the same mean gradient, summed in another
+    # order. ratio8: the codes are resharded as they were saved, but the unsharded tensor's
+    # rounding stream is not a shard's (Note [rng streams]): each later step's codes may
+    # differ by one (1/127 of sqrt(v)), so each update by lr * 2/127 / sqrt(1 - beta**t)
+    atol = 1e-6 if how != "fsdp2-ratio8" else (STEPS - AT) * 1e-2 * 2 / 127 / (1 - 0.9) ** 0.5
     for a, b in zip(one, r["whole_params"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
 def test_dcp_saved_on_one_rank_continues_on_two(tmp_path):

@@ -418,3 +418,24 @@ def test_option_edit_to_and_from_ratio8_converts_at_the_next_step(backend):
     opt.param_groups[0]["state_dtype"] = "float32"
     train(opt, ps, [[torch.randn_like(p) for p in ps]])
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.float32
+
+
+def test_codes_cast_to_float_by_a_template_are_refused():
+    """torch.distributed.checkpoint loads into the dtypes of the state dict it is handed: int8
+    codes loaded into an fp32-state optimizer's template arrive as floats holding code values.
+    A saved group that names its state_dtype must hold moments of that format; the load is
+    refused before anything changes (tiedadam.integrations.fsdp.load avoids the cast)."""
+    ps = fresh()
+    opt = TiedAdamW(ps, beta=0.95, state_dtype="ratio8", backend="torch", **HYPER)
+    train(opt, ps, [[torch.randn_like(p) for p in ps]])
+    sd = opt.state_dict()
+    cast = {**sd, "state": {k: {**s, "exp_avg": s["exp_avg"].float()}
+                            for k, s in sd["state"].items()}}
+    target = TiedAdamW(clone(ps), beta=0.95, backend="torch", **HYPER)
+    with pytest.raises(ValueError, match="exp_avg.*torch.float32.*'ratio8'"):
+        target.load_state_dict(cast)
+    assert not target.state and target.param_groups[0]["state_dtype"] == "float32"
+    other = {**sd, "param_groups": [{**g, "state_dtype": "float32"}
+                                    for g in sd["param_groups"]]}
+    with pytest.raises(ValueError, match="torch.int8.*'float32'"):
+        target.load_state_dict(other)

@@ -55,9 +55,27 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a checkpoint written by ``save`` on any number of ranks (Note [fsdp checkpoints])."""
+    """Load a checkpoint written by ``save`` on any number of ranks (Note [fsdp checkpoints]).
+    Optimizer state is loaded in the dtypes it was saved in (``saved_dtypes``): a ratio8
+    checkpoint into an fp32-state optimizer, or the reverse, converts as ``load_state_dict``
+    does, instead of DCP casting int8 codes to float (or moments to int8)."""
     state = state_dicts(model, optimizer)
+    saved_dtypes(path, state)
     planner = DefaultLoadPlanner(flatten_sharded_tensors=False) if is_fsdp1(model) else None
     dcp.load(state, checkpoint_id=path, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
+
+
+def saved_dtypes(path: str, state: dict) -> None:
+    """Replace each optimizer state tensor of ``state`` whose dtype differs from the one saved
+    at ``path`` by an empty tensor of the saved dtype, laid out (and sharded) the same: DCP
+    loads into the tensors it is given, cast to their dtype. Keys as DCP flattens them
+    (``optim.state.<fqn>.<name>``)."""
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for fqn, st in state["optim"].get("state", {}).items():
+        for name, t in list(st.items()):
+            saved = meta.get(f"optim.state.{fqn}.{name}")
+            dtype = getattr(getattr(saved, "properties", None), "dtype", None)
+            if isinstance(t, torch.Tensor) and dtype is not None and dtype != t.dtype:
+                st[name] = torch.empty_like(t, dtype=dtype)

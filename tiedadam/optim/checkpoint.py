@@ -32,13 +32,34 @@ def split(state_dict: dict, current_groups: list) -> tuple:
     saved_ids = [i for g in merged_groups for i in g["params"]]
     params = [p for g in current_groups for p in g["params"]]
     params_of = dict(zip(saved_ids, params))
+    named = {i: R.check_state_dtype(g["state_dtype"]) for g in groups if "state_dtype" in g
+             for i in g["params"]}
     own, rest = {}, {}
     for k, s in state_dict["state"].items():
         own[k] = {n: s[n] for n in STATE_KEYS + (V.MASTER_KEY,) if n in s}
         rest[k] = {n: v for n, v in s.items() if n not in own[k]}
         if k in params_of:
             V.check_saved_state(params_of[k], k, own[k])
+            if k in named:
+                check_codes_match(k, own[k].get("exp_avg"), named[k])
     return merged_groups, params_of, own, rest
+
+
+def check_codes_match(k, m: Any, named) -> None:
+    """A saved group that names its state_dtype holds moments of that format: ratio8 codes
+    (int8) iff "ratio8". Float moments where the group says ratio8 are codes cast to a float
+    template (torch.distributed.checkpoint loads into the dtypes of the state dict it is
+    given): their values are codes, not moments, so nothing is loaded (int8 where the group
+    names a float dtype likewise)."""
+    if not isinstance(m, Tensor) or (m.dtype == torch.int8) == (named == R.RATIO8):
+        return
+    raise ValueError(
+        f"state_dict['state'][{k!r}]['exp_avg'] is {m.dtype} but its group's "
+        f"state_dtype is {R.dtype_name(named)!r}: a checkpoint loaded into a state dict of "
+        f"another state dtype (torch.distributed.checkpoint casts to the dtypes of the state "
+        f"dict it loads into) cannot be read. Load it into an optimizer made with the saved "
+        f"state_dtype, or with tiedadam.integrations.fsdp.load, which loads each tensor in "
+        f"its saved dtype; to change state_dtype, set it on the param group after loading.")
 
 
 def merge_group(g: dict, current: dict, i: int) -> dict:

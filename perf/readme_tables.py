@@ -104,11 +104,13 @@ def precision_table(rel="perf/results/cpu/precision_study.json") -> str:
                      f"{sum(r['state_bytes'].values()):,} |")
     m, c = d["model"], d["config"]
     return ("\n".join(lines) + f"\n\n*{m['params']:,}-parameter LM ({m['n_layers']} layers, "
-            f"d={m['d_model']}), {c['steps']} steps, {c['seeds']} seeds averaged, beta={c['beta']}, "
+            f"d={m['d_model']}), {c['steps']} steps, {c['seeds']} seeds averaged, "
+            f"beta={c.get('beta', c.get('betas'))}, "
             f"lr={c['lr']}; " + machine_line({"machine_before": d["machine"], **d})[1:])
 
 
 RATIO8 = "perf/results/cpu/precision_ratio8/precision_study.json"
+RATIO8_OFFLOAD = "perf/results/cpu/ratio8_offload/bench_offload.json"
 
 
 def ratio8_table(rel=RATIO8) -> str:
@@ -263,14 +265,17 @@ def summary_table() -> str:
                     f"{f32['state_bytes_per_param']:.0f}); {min(sr):.2f}–{max(sr):.2f}× "
                     f"DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
                     f"(perf/results/cpu/bench_offload.json) |")
+    o8 = _load(RATIO8_OFFLOAD)
+    if o8 is not None:
+        rs = o8["results"]
         r8 = [r for r in rs if r["provider"] == "tiedadam-ratio8-sr"]
         if r8:
             sp = {f"{r['numel'] / 1e6:.0f}M": r["speedup_vs_deepspeed_cpu_adam"] for r in r8}
             rows.append(f"| ZeRO-Offload CPU step, ratio8 moments (stochastic rounding) | "
                         f"{r8[0]['state_bytes_per_param']:.0f} B/param of host state; "
                         + ", ".join(f"{v:.2f}× at {k}" for k, v in sp.items())
-                        + f" DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
-                        f"(perf/results/cpu/bench_offload.json) |")
+                        + f" DeepSpeedCPUAdam's speed | {where(o8)} | [bench_offload.json]"
+                        f"({RATIO8_OFFLOAD}) |")
     r = _load(RATIO8)
     if r is not None:
         parts = []
@@ -339,6 +344,7 @@ BLOCKS = {
     "precision_study": precision_table,
     "ratio8_study": ratio8_table,
     "cpu_offload": offload_table,
+    "ratio8_offload": lambda: offload_table(RATIO8_OFFLOAD),
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),

@@ -5,7 +5,7 @@ transposed, channels_last and non-dense params; grads in other layouts, with the
 or tensor subclasses without storage), 1-3 param groups, whether it steps as ZeRO-3 does with
 sub-groups (each param alone through its group dict), and a script of steps with edits between
 them (lr, beta/betas, eps, weight_decay, some as 1-element tensors), option edits (seed,
-rounding flags, master_weights, state_dtype), a state_dict save -> load into a fresh
+rounding flags, master_weights, state_dtype incl. ratio8), a state_dict save -> load into a fresh
 optimizer, AMP steps with a scale and injected infs, invalid edits, and storages freed or
 shrunk under a param, a state tensor or a grad. After every action the case either matches the
 reference within the dtype's tolerance or was refused with an exception and nothing changed.
@@ -222,14 +222,14 @@ class Case:
         key = self.rng.choice(keys)
         group = self.opt.param_groups[gi]
         value = {"seed": self.rng.randrange(2 ** 31), "state_dtype": self.rng.choice(
-            ["float32", "bfloat16"])}.get(key, not group.get(key))
+            ["float32", "bfloat16", "ratio8"])}.get(key, not group.get(key))
         opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
         for o in opts:
             o.param_groups[gi][key] = value
         self.edit_pending = True
         if self.dtype != torch.float64 and (key == "master_weights" or (
-                key == "state_dtype" and value == "bfloat16")):
-            self.torch_valid = False  # bf16 moments or master weights: not torch's math
+                key == "state_dtype" and value != "float32")):
+            self.torch_valid = False  # bf16/ratio8 moments or master weights: not torch's math
         if self.twin is None:
             params = [torch.nn.Parameter(_twin(p.detach())) for p in self.ours]
             self.twin = (params, self._load_into(params, self.opt.state_dict()))

@@ -256,3 +256,58 @@ def test_sync_counter_counts_a_sync_and_not_the_modes_first_notice():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "1", "0"], out.stdout + out.stderr[-2000:]
 
+
+
+# ratio8 (Note [ratio8 kernel]): the compiled kernel's fast sqrt/rsqrt/division ----------------
+def test_ratio8_kernel_matches_the_compiled_cpu_step_within_one_code():
+    """Round to nearest, same grads: v is the same bits on both (its arithmetic is exact IEEE
+    on both), the codes differ by at most one (the GPU's approximate rsqrt at a rounding
+    boundary), the params by at most that code's share of an update."""
+    from tiedadam.optim import torch_backend
+    gpu = params(sizes=(1000, K.CHUNK + 3))
+    cpu = [torch.nn.Parameter(p.detach().cpu().clone()) for p in gpu]
+    kw = dict(lr=1e-2, beta=0.95, state_dtype="ratio8", stochastic_rounding=False)
+    og = TiedAdamW(gpu, backend="triton", **kw)
+    oc = TiedAdamW(cpu, backend="torch", **kw)
+    old = torch_backend.USE_COMPILED_CPU_STEP
+    torch_backend.USE_COMPILED_CPU_STEP = True
+    try:
+        for _ in range(5):
+            for a, b in zip(gpu, cpu):
+                g = torch.randn_like(b)
+                a.grad, b.grad = g.to(DEV), g
+            og.step()
+            oc.step()
+            for a, b in zip(gpu, cpu):
+                # v depends on the grads only: exact on both
+                assert torch.equal(og.state[a]["exp_avg_sq"].cpu(), oc.state[b]["exp_avg_sq"])
+                dq = (og.state[a]["exp_avg"].cpu().int() - oc.state[b]["exp_avg"].int()).abs()
+                assert int(dq.max()) <= 1
+                # each code apart moves its element's update by lr * (1/127) / sqrt(c) at most
+                torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=0,
+                                           atol=5 * 1e-2 * 2 / 127 / (1 - 0.95) ** 0.5)
+    finally:
+        torch_backend.USE_COMPILED_CPU_STEP = old
+
+
+def test_ratio8_cuda_graph_replay_equals_eager_steps():
+    ps = params(sizes=(1000, 70000))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    lr = torch.tensor(1e-2, device=DEV)
+    opt = TiedAdamW(ps, lr=lr, beta=0.95, capturable=True, state_dtype="ratio8", seed=3,
+                    backend="triton")
+    ropt = TiedAdamW(ref, lr=1e-2, beta=0.95, state_dtype="ratio8", seed=3, backend="triton")
+    grads = [torch.randn_like(p) for p in ps]
+    for p, r, g in zip(ps, ref, grads):
+        p.grad, r.grad = g, g.clone()
+    graph = _warm_up_and_capture(opt)
+    ropt.step()
+    for new_lr in [5e-3, 2e-3, 1e-3]:
+        lr.fill_(new_lr)
+        graph.replay()
+        ropt.param_groups[0]["lr"] = new_lr
+        ropt.step()
+    torch.cuda.synchronize()
+    for p, r in zip(ps, ref):  # the same kernel, rounding noise keyed by seed and step
+        assert torch.equal(p, r)
+        assert torch.equal(opt.state[p]["exp_avg"], ropt.state[r]["exp_avg"])

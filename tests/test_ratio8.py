@@ -439,3 +439,25 @@ def test_codes_cast_to_float_by_a_template_are_refused():
                                     for g in sd["param_groups"]]}
     with pytest.raises(ValueError, match="torch.int8.*'float32'"):
         target.load_state_dict(other)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_telemetry_with_ratio8(backend):
+    """The telemetry rows of a ratio8 step: grad sums exact, the update bounded by 1 up to
+    about a code step relative to sqrt(1 - beta**t) (Note [ratio8]), nothing non-finite."""
+    ps = fresh(sizes=[3000, 40])
+    opt = TiedAdamW(ps, beta=0.9, state_dtype="ratio8", telemetry=True, backend=backend,
+                    names=["a", "b"], **HYPER)
+    for t in range(1, 6):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        tel = opt.telemetry()
+        c = 1 - 0.9 ** t
+        for name, g in zip(["a", "b"], grads):
+            row = tel[name]
+            torch.testing.assert_close(row["grad_sq_sum"].double(), (g.double() ** 2).sum(),
+                                       rtol=1e-5, atol=0)
+            assert float(row["nonfinite_grads"]) == 0
+            assert 0 < float(row["update_abs_max"]) <= 1 + 2 / (127 * c ** 0.5)

@@ -40,7 +40,8 @@ def split(state_dict: dict, current_groups: list) -> tuple:
         rest[k] = {n: v for n, v in s.items() if n not in own[k]}
         if k in params_of:
             V.check_saved_state(params_of[k], k, own[k])
-            if k in named:
+            if k in named and local_tensor(params_of[k]).dtype != torch.float64:
+                # (fp64 params keep fp64 moments whatever the group names)
                 check_codes_match(k, own[k].get("exp_avg"), named[k])
     return merged_groups, params_of, own, rest
 

@@ -16,7 +16,9 @@ launched (kernels, copies, memsets, from torch's profiler: the same method for e
 None on CPU); ``host_s``, wall time of the call; effective bandwidth = counted bytes / time, and
 percent of a device-to-device copy's bandwidth measured in the same run, from ``kernel_s``
 (``pct_of_copy_bw``: the roofline) and from ``median_s`` (``step_pct_of_copy_bw``); ratio to
-torch fused AdamW (same workload and grads); host-device synchronisations inside ``step()``
+torch fused AdamW (same workload and grads; the clipping rows, ``tiedadam-clip`` =
+TiedAdamW(max_grad_norm=1.0), against ``torch-fused-clip`` = clip_grad_norm_ + torch fused
+AdamW: 32 against 40 bytes per param); host-device synchronisations inside ``step()``
 (CUDA only: torch's sync debug mode, its per-sync message only). Writes bench_step.json (after
 every row: a stage stopped by its time budget keeps what it measured) and bench_step.png to
 --out and prints a table last.
@@ -127,10 +129,12 @@ def run_one(provider: str, shapes, device: str, args, grads: str) -> dict:
 
 
 def finish(rows) -> None:
-    """Ratios against torch fused AdamW on the same workload and grads."""
+    """Ratios against torch fused AdamW on the same workload and grads (the clipping rows:
+    against clip_grad_norm_ + torch fused AdamW, ``providers.Provider.reference``)."""
     for r in rows:
+        r["reference"] = PROVIDERS[r["provider"]].reference
         ref = next((x for x in rows if x["workload"] == r["workload"]
-                    and x["grads"] == r["grads"] and x["provider"] == "torch-fused"), None)
+                    and x["grads"] == r["grads"] and x["provider"] == r["reference"]), None)
         r["speedup_vs_torch_fused"] = ref["median_s"] / r["median_s"] if ref else None
         r["kernel_speedup_vs_torch_fused"] = (ref["kernel_s"] / r["kernel_s"]
                                               if ref and ref["kernel_s"] and r["kernel_s"]

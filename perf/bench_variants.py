@@ -76,7 +76,9 @@ def optimizer_for(spec: dict, numel: int, tensors: int, device: str):
                     state_dtype=names.get(state),
                     master_weights=spec["master"], stochastic_rounding=spec["state_sr"],
                     param_stochastic_rounding=spec["param_sr"],
-                    telemetry=spec.get("telemetry", False))
+                    telemetry=spec.get("telemetry", False),
+                    # a bound no grad reaches: the coefficient is read, and is 1
+                    max_grad_norm=1e9 if spec.get("clip") else None)
     if spec["scale"]:  # AMP: the kernel unscales (and writes the unscaled grad back)
         opt.grad_scale = torch.tensor(1024.0, device=device)
         opt.found_inf = torch.zeros((), device=device)

@@ -81,7 +81,7 @@ fi
 run gpu_tests     100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_deepspeed.py
 run kernel_report  45 $PY perf/kernel_report.py --out "$OUT" "${KR[@]}"
 run bench_step    110 $PY perf/bench_step.py --out "$OUT" "${STEP[@]}" \
-    --providers tiedadam,tiedadam-telemetry,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-ratio8,tiedadam-pure-bf16,torch-foreach,torch-fused,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
+    --providers tiedadam,tiedadam-telemetry,tiedadam-master-bf16,tiedadam-bf16-state,tiedadam-ratio8,tiedadam-pure-bf16,tiedadam-clip,torch-foreach,torch-fused,torch-fused-clip,torch-fused+copy-bf16,deepspeed-fused,bnb-adamw8bit,torchao-adamw8bit
 run bench_variants 45 $PY perf/bench_variants.py --out "$OUT" --report "$OUT/kernel_report.json" "${VAR[@]}"
 run bench_host     25 $PY perf/bench_host.py --out "$OUT" "${HOST[@]}"
 run bench_train    50 $PY perf/bench_train.py --out "$OUT" "${TRAIN[@]}"

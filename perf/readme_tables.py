@@ -78,6 +78,8 @@ def step_table(rel) -> str:
              + "---:|---:|"]
     for r in d["results"]:
         vs = f"{r['speedup_vs_torch_fused']:.2f}×" if r.get("speedup_vs_torch_fused") else "–"
+        if r.get("reference", "torch-fused") != "torch-fused":
+            vs += f" (vs {r['reference']})"
         if gpu:
             k = r.get("kernel_s")
             mid = (f"{k * 1e3:.2f} | {r['bytes'] / k / 1e9:.1f} | {r['pct_of_copy_bw']:.0f} | "

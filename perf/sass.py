@@ -87,14 +87,21 @@ def variants():
                    state_sr=False, param_sr=False)
         yield dict(param=fp32, state=fp32, master=False, scale=False, flat=flat,
                    state_sr=False, param_sr=False, telemetry=True)
+        # max_grad_norm: the clip coefficient read from device memory (Note [clipping]),
+        # alone and after AMP's unscaling
+        yield dict(param=fp32, state=fp32, master=False, scale=False, flat=flat,
+                   state_sr=False, param_sr=False, clip=True)
+        yield dict(param=fp16, state=fp32, master=False, scale=True, flat=flat,
+                   state_sr=False, param_sr=False, clip=True)
 
 
 def variant_name(param, state, master, scale, flat, state_sr=False, param_sr=False,
-                 telemetry=False) -> str:
-    """``p<param>-s<state>[-master][-sr][-psr][-scale][-telemetry]-<table|flat>``."""
+                 telemetry=False, clip=False) -> str:
+    """``p<param>-s<state>[-master][-sr][-psr][-scale][-clip][-telemetry]-<table|flat>``."""
     return "-".join([f"p{SHORT[param]}", f"s{SHORT[state]}"] + (["master"] if master else [])
                     + (["sr"] if state_sr else []) + (["psr"] if param_sr else [])
-                    + (["scale"] if scale else []) + (["telemetry"] if telemetry else [])
+                    + (["scale"] if scale else []) + (["clip"] if clip else [])
+                    + (["telemetry"] if telemetry else [])
                     + (["flat"] if flat else ["table"]))
 
 
@@ -114,19 +121,20 @@ def roles(param, state, master, scale, **_) -> dict:
 
 
 def compile_cubin(param, state, master, scale, flat, state_sr=False, param_sr=False,
-                  telemetry=False, arch: int = 90) -> bytes:
+                  telemetry=False, clip=False, arch: int = 90) -> bytes:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {"addr_ptr": "*i64", "meta_ptr": "*i64", "chunk_ptr": "*i64", "n_tensors": "i32",
            "hyper_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+           "clip_ptr": "*fp32",
            "flat_p": _PTR[param], "flat_g": _PTR[param], "flat_m": _PTR[state],
            "flat_v": "*bf16" if state == torch.int8 else _PTR[state], "flat_w": "*fp32", "flat_step": "*fp32",
            "flat_numel": "i64", "flat_aligned": "i32", "flat_group": "i32",
            "flat_key": "i64", "tele_ptr": "*fp32", "snr_threshold": "fp32",
            "ticket_ptr": "*i32"}
     consts = dict(PARAM=K._TL_DTYPES[param], STATE=K._TL_DTYPES[state], HAS_MASTER=master,
-                  HAS_SCALE=scale, STATE_SR=state_sr, PARAM_SR=param_sr, TELEMETRY=telemetry,
+                  HAS_SCALE=scale, CLIP=clip, STATE_SR=state_sr, PARAM_SR=param_sr, TELEMETRY=telemetry,
                   FLAT=flat, CHUNK=K.CHUNK, BLOCK=K.block_for(param, state))
     sig.update({k: "constexpr" for k in consts})
     # Direct tensor arguments are specialised as 16-byte aligned, as Triton does at launch.

@@ -265,3 +265,24 @@ def telemetry(rank, world, steps):
         out[stage] = to_floats(tied.telemetry(reduce=stage != 0))
         engine.destroy()
     return out
+
+
+def clipping_refused(rank, world, kind):
+    """max_grad_norm in the config's "params", or on an instance passed in: refused at
+    initialize (DeepSpeed clips with "gradient_clipping"), naming the fix."""
+    import deepspeed
+    from tiedadam import TiedAdamW
+    model = Net()
+    cfg = ds_config(2, "fp32")
+    kw = {}
+    if kind == "config":
+        cfg["optimizer"]["params"]["max_grad_norm"] = 1.0
+    else:
+        del cfg["optimizer"]
+        kw["optimizer"] = TiedAdamW(groups(model), lr=1e-2, beta=BETA, backend="triton",
+                                    max_grad_norm=1.0)
+    try:
+        deepspeed.initialize(model=model, model_parameters=groups(model), config=cfg, **kw)
+    except ValueError as e:
+        return str(e)
+    return None

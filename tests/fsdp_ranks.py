@@ -288,3 +288,49 @@ def telemetry_sharded(rank, world, steps):
         o2.step()
     t1, t2 = o1.telemetry(reduce=True), o2.telemetry()
     return {n: {k: (float(t1[n][k]), float(t2[n][k])) for k in t2[n]} for n in names}
+
+
+def clipping(rank, world, how, steps, max_norm):
+    """TiedAdamW(max_grad_norm) on the sharded model against clip_grad_norm_ + torch AdamW on
+    the unsharded one, fed every rank's batch (FSDP averages the ranks' grads: the same grad).
+    FSDP1 without norm_process_group is refused first, before anything changes."""
+    torch.manual_seed(0)
+    base = Net()
+    every = [batches(r, steps) for r in range(world)]
+    ref = copy.deepcopy(base)
+    ref_params = ref.parameters() if how == "fsdp1" else groups(ref)
+    ropt = make_opt("torch", ref_params)
+    ref_norms = []
+    for step in range(steps):
+        loss = sum(ref(*every[r][step]) for r in range(world)) / world
+        loss.backward()
+        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)))
+        ropt.step()
+        ropt.zero_grad()
+    model = wrap(copy.deepcopy(base), how, world)
+    params = list(model.parameters()) if how == "fsdp1" else groups(model)
+    out = {"refused": None}
+    if how.startswith("fsdp1"):
+        opt = TiedAdamW(params, lr=1e-2, beta=BETA, weight_decay=0.1, backend="triton",
+                        max_grad_norm=max_norm)
+        model(*every[rank][0]).backward()
+        before = full_params(model)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            out["refused"] = str(e)
+        out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, full_params(model)))
+        out["no_state"] = len(opt.state) == 0
+        model.zero_grad()
+    group = model.process_group if how.startswith("fsdp1") else None
+    opt = TiedAdamW(params, lr=1e-2, beta=BETA, weight_decay=0.1, backend="triton",
+                    max_grad_norm=max_norm, norm_process_group=group)
+    norms = []
+    for step in range(steps):
+        model(*every[rank][step]).backward()
+        opt.step()
+        opt.zero_grad()
+        norms.append(float(opt.last_grad_norm))
+    out.update(norms=norms, ref_norms=ref_norms, params=full_params(model),
+               ref_params=[p.detach().clone() for p in ref.parameters()])
+    return out

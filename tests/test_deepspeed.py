@@ -133,6 +133,17 @@ def test_untied_betas_fail_at_initialize():
         assert msg is not None and "untied" in msg and "beta=0.999" in msg
 
 
+@pytest.mark.parametrize("kind", ["config", "instance"])
+def test_max_grad_norm_is_refused_in_an_engine(kind):
+    """DeepSpeed clips with "gradient_clipping" over all partitions (Note [deepspeed
+    clipping] in tiedadam/integrations/deepspeed.py): clipping again inside is refused. A
+    config entry DeepSpeed refuses itself; an instance, TiedAdamW's hook in the engine."""
+    for msg in run_ranks(ds_ranks.clipping_refused, kind):
+        assert msg is not None and "max_grad_norm" in msg and "gradient_clipping" in msg
+        if kind == "instance":
+            assert '"gradient_clipping": 1.0' in msg
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

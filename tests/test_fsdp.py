@@ -104,3 +104,18 @@ def test_readme_example_runs_under_torchrun(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "done: loss" in proc.stdout
+
+
+@pytest.mark.parametrize("how", ["fsdp2", "fsdp1", "fsdp1-orig"])
+def test_max_grad_norm_is_the_full_models_norm(how):
+    """Issue: the norm of a sharded model is the whole model's (partial sums reduced over the
+    ranks), so the clipped run equals clip_grad_norm_ + AdamW on the unsharded model."""
+    for r in run_ranks(fsdp_ranks.clipping, how, STEPS, 0.05):
+        if how.startswith("fsdp1"):
+            assert "norm_process_group=model.process_group" in r["refused"]
+            assert r["unchanged"] and r["no_state"]
+        assert min(r["ref_norms"]) > 0.05  # every step clipped
+        torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(r["ref_norms"]),
+                                   rtol=1e-5, atol=0)
+        for a, b in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -311,3 +311,59 @@ def test_ratio8_cuda_graph_replay_equals_eager_steps():
     for p, r in zip(ps, ref):  # the same kernel, rounding noise keyed by seed and step
         assert torch.equal(p, r)
         assert torch.equal(opt.state[p]["exp_avg"], ropt.state[r]["exp_avg"])
+
+
+# max_grad_norm (Note [clipping] in the kernel, Note [global norm] in optim/clipping.py) -------
+@pytest.mark.parametrize("amp", [False, True])
+def test_clipping_makes_no_host_sync_and_equals_clipping_first(amp):
+    """The norm, the coefficient and the update stay on the device; the result is the same
+    bits as clip_grad_norm_ (same foreach norm, same fp32 product) followed by TiedAdamW."""
+    ps = params(sizes=(1000, K.CHUNK + 3, 1 << 20))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = TiedAdamW(ps, lr=1e-2, beta=0.9, backend="triton", max_grad_norm=0.5)
+    ropt = TiedAdamW(ref, lr=1e-2, beta=0.9, backend="triton")
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, r, g in zip(ps, ref, grads):
+            p.grad, r.grad = (g * 1024 if amp else g.clone()), g.clone()
+        if amp:
+            opt.grad_scale = torch.tensor(1024.0, device=DEV)
+            opt.found_inf = torch.tensor(0.0, device=DEV)
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ropt.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
+        for p, r in zip(ps, ref):
+            if amp:  # unscaled by the kernel's reciprocal, not clip_grad_norm_'s division
+                assert_close(p, r)
+            else:
+                assert torch.equal(p, r)
+
+
+def test_clipping_inside_a_cuda_graph_follows_new_grads():
+    ps = params(torch.float32, (1000, 70000))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = TiedAdamW(ps, lr=torch.tensor(1e-2, device=DEV), beta=0.9, capturable=True,
+                    backend="triton", max_grad_norm=0.5)
+    ropt = TiedAdamW(ref, lr=1e-2, beta=0.9, backend="triton", max_grad_norm=0.5)
+    for p, r in zip(ps, ref):
+        p.grad = torch.randn_like(p)
+        r.grad = p.grad.clone()
+    graph = _warm_up_and_capture(opt)
+    ropt.step()
+    for scale in (0.1, 10.0, 3.0):  # unclipped, clipped, clipped
+        for p, r in zip(ps, ref):
+            g = torch.randn_like(p) * scale
+            p.grad.copy_(g)
+            r.grad = g.clone()
+        graph.replay()
+        ropt.step()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(opt.last_grad_norm, ropt.last_grad_norm, rtol=1e-6, atol=0)
+    for p, r in zip(ps, ref):
+        assert_close(p, r)

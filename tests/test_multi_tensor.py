@@ -136,7 +136,7 @@ def test_flat_launch_promises_alignment_only_when_every_address_is_aligned(monke
 
     class Record:
         def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append(args[14])  # the ``aligned`` argument
+            return lambda *args, **kw: seen.append(args[15])  # the ``aligned`` argument
 
     monkeypatch.setattr(K, "_tied_adamw_kernel", Record())
     hyper = torch.zeros(1, 4, dtype=torch.float64)
@@ -145,7 +145,7 @@ def test_flat_launch_promises_alignment_only_when_every_address_is_aligned(monke
     for bad in (None, 0, 1, 2, 3, 4):
         ts = [odd if r == bad else torch.randn(64) for r in range(5)]
         assert (ts[bad].data_ptr() % K.ALIGN_BYTES != 0) if bad is not None else True
-        K.launch_flat(consts, hyper, hyper, hyper, hyper, 0.5, torch.zeros(1, dtype=torch.int32),
+        K.launch_flat(consts, hyper, hyper, hyper, hyper, hyper, 0.5, torch.zeros(1, dtype=torch.int32),
                       *ts, torch.zeros(()), 0, 0)
     assert seen == [1, 0, 0, 0, 0, 0]
 

@@ -261,3 +261,4 @@ def test_bench_variants_launches_the_variant_it_names():
         assert (b.telemetry is not None) == spec.get("telemetry", False), spec
         assert (len(b.params) == 1) == spec["flat"], spec
         assert (getattr(opt, "grad_scale", None) is not None) == spec["scale"], spec
+        assert (opt.max_grad_norm is not None) == spec.get("clip", False), spec

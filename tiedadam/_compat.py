@@ -9,6 +9,8 @@ verified where that matters, and what happens when this torch lacks it. Nothing 
 | ``set_grad_enabled`` | ``torch._C._set_grad_enabled`` | ``step()`` under no_grad without a context manager's cost | 2.11, 2.13 | ``torch.set_grad_enabled`` |
 | ``fused_adamw_`` | ``torch._fused_adamw_`` | the torch backend's step | 2.4-2.13 | CPU backend refuses with the reason |
 | ``foreach_add_``, ``foreach_sub_``, ``foreach_copy_`` | ``torch._foreach_*`` | step counts; the compiled CPU step's outputs | 2.4-2.13 | (required by torch.optim itself) |
+| ``foreach_norm`` | ``torch._foreach_norm`` | the global grad norm of ``max_grad_norm`` (what ``clip_grad_norm_`` uses) | 2.11, 2.13 | one ``torch.linalg.vector_norm`` per grad |
+| ``fsdp1_flattened`` | ``torch.distributed.fsdp._common_utils._is_fsdp_flattened`` | refusing ``max_grad_norm`` over FSDP1 shards without a process group | 2.13 | the ``_fsdp_flattened`` attribute it reads |
 | ``TensorGuards``, ``dict_version`` | ``torch._C._dynamo.guards`` | the guard's fast check | 2.13 | ``fast_guard_works()`` False: full comparison |
 | ``local_tensor``, ``LOCAL``, ``SPEC`` | ``DTensor._local_tensor``, ``._spec`` | a DTensor's local shard / sharding without autograd | 2.11, 2.13 | ``to_local()`` |
 | ``shard_offset`` | ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset`` | rounding streams of DTensor shards | 2.13 | offset 0 |
@@ -40,6 +42,25 @@ fused_adamw_ = getattr(torch, "_fused_adamw_", None)  # None: no fused AdamW in 
 foreach_add_ = torch._foreach_add_
 foreach_sub_ = torch._foreach_sub_
 foreach_copy_ = torch._foreach_copy_
+_foreach_norm = getattr(torch, "_foreach_norm", None)
+
+
+def foreach_norm(tensors: list, dtype: torch.dtype) -> list:
+    """The 2-norm of each tensor, accumulated and returned in ``dtype`` (one multi-tensor
+    launch per device and dtype where torch has ``_foreach_norm``)."""
+    if _foreach_norm is not None:
+        return list(_foreach_norm(tensors, 2, dtype=dtype))
+    return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+
+
+def fsdp1_flattened(t: Tensor) -> bool:
+    """Whether FSDP1 made ``t`` (a FlatParameter) or flattened it into one (an original
+    param under ``use_orig_params=True``)."""
+    try:
+        from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
+    except ImportError:  # pragma: no cover - the attribute it reads
+        return bool(getattr(t, "_fsdp_flattened", False))
+    return bool(_is_fsdp_flattened(t))
 
 # -------------------------------------------------------------------------- DTensor
 LOCAL = attrgetter("_local_tensor")  # a DTensor's local shard, read in C
@@ -149,6 +170,11 @@ def self_test() -> dict[str, bool]:
     """The behaviour each private API is trusted for, checked now: {what: holds}."""
     out = {"fast_guard": fast_guard_works()}
     out["fused_adamw"] = fused_adamw_ is not None
+    ts = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.bfloat16)]
+    out["foreach_norm"] = [float(x) for x in foreach_norm(ts, torch.float32)] == [5.0, 5.0]
+    flat = torch.nn.Parameter(torch.zeros(2))
+    flat._fsdp_flattened = True  # what FSDP1 sets (_common_utils.FSDP_FLATTENED)
+    out["fsdp1_flattened"] = fsdp1_flattened(flat) and not fsdp1_flattened(torch.zeros(2))
     out["inductor_cpu_codegen"] = inductor_cpu_codegen() is not None
     prev = torch.is_grad_enabled()
     set_grad_enabled(not prev)

@@ -20,6 +20,17 @@ groups with sub-group partitions), keys its caches by the tensors themselves, no
 index, keeps ``step`` per parameter, and steps CPU partitions (ZeRO-Offload) with torch's fused
 CPU AdamW. A single flat partition goes to the Triton kernel as direct arguments.
 
+Note [deepspeed clipping]
+-------------------------
+DeepSpeed clips gradients itself, with the config's ``"gradient_clipping"``, over the whole
+model's grads (across ZeRO partitions) before it calls the optimizer; the optimizer only ever
+sees partitions. TiedAdamW's own ``max_grad_norm`` inside an engine would clip a second time,
+and by the norm of one rank's partition. So it is refused: DeepSpeed itself refuses ``"max_grad_norm"`` among a config
+entry's ``"params"`` (pointing to ``"gradient_clipping"``); for an instance or a callable,
+``DeepSpeedEngine._check_for_duplicates``, which every way of passing an optimizer goes
+through before ZeRO wraps it, is wrapped on import to raise with the fix (DeepSpeed 0.19.8;
+where the method is missing nothing is wrapped).
+
 Passing an instance (``deepspeed.initialize(optimizer=TiedAdamW(...))``) or a callable also
 works; with ``offload_optimizer`` DeepSpeed then insists on its own CPU Adam unless the config
 sets ``"zero_force_ds_cpu_optimizer": false``. The config-name path needs no flag.
@@ -36,6 +47,7 @@ import torch
 from ..optim import TiedAdamW
 
 _ZERO_UTILS = "deepspeed.runtime.zero.utils"
+_ENGINE = "deepspeed.runtime.engine"
 
 
 def allow_in_zero(zero_utils) -> None:
@@ -43,6 +55,28 @@ def allow_in_zero(zero_utils) -> None:
     supported = zero_utils.ZERO_SUPPORTED_OPTIMIZERS
     if TiedAdamW not in supported:
         supported.append(TiedAdamW)
+
+
+def refuse_clipping_in_engine(engine_module) -> None:
+    """Make DeepSpeed refuse a TiedAdamW that clips (Note [deepspeed clipping])."""
+    cls = engine_module.DeepSpeedEngine
+    check = getattr(cls, "_check_for_duplicates", None)
+    if check is None or getattr(check, "_tiedadam", False):
+        return
+
+    def _check_for_duplicates(self, basic_optimizer, *args, **kwargs):
+        clip = getattr(basic_optimizer, "max_grad_norm", None)
+        if isinstance(basic_optimizer, TiedAdamW) and clip is not None:
+            raise ValueError(
+                f"TiedAdamW(max_grad_norm={clip}) inside a DeepSpeed engine: DeepSpeed clips "
+                f"the grads itself, over all ranks' partitions, with the config's "
+                f"\"gradient_clipping\"; the optimizer would clip again by the norm of one "
+                f"partition. Remove max_grad_norm from the optimizer and set "
+                f"\"gradient_clipping\": {clip} in the DeepSpeed config")
+        return check(self, basic_optimizer, *args, **kwargs)
+
+    _check_for_duplicates._tiedadam = True
+    cls._check_for_duplicates = _check_for_duplicates
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -72,10 +106,12 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def register() -> None:
-    """Publish ``torch.optim.TiedAdamW`` and allow it under ZeRO (idempotent)."""
+    """Publish ``torch.optim.TiedAdamW``, allow it under ZeRO and refuse its max_grad_norm in
+    an engine (idempotent)."""
     torch.optim.TiedAdamW = TiedAdamW
-    mod = sys.modules.get(_ZERO_UTILS)
-    if mod is not None:
-        allow_in_zero(mod)
-    elif not any(isinstance(f, _AfterImport) and f.name == _ZERO_UTILS for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_ZERO_UTILS, allow_in_zero))
+    for name, hook in ((_ZERO_UTILS, allow_in_zero), (_ENGINE, refuse_clipping_in_engine)):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            hook(mod)
+        elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(name, hook))

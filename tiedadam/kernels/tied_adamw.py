@@ -42,6 +42,15 @@ the interpreter gives the CPU paths' codes bit for bit; the GPU takes its sqrt a
 the fast approximations (MUFU, a few ulp), which can move a code by one at a rounding boundary
 and cost a few instructions where the IEEE forms cost a subroutine each (perf/kernel_report.py
 counts them).
+
+Note [clipping]
+---------------
+With ``max_grad_norm`` (optim/clipping.py) the host side computes the global grad norm on the
+device and hands the kernel two fp32 scalars: the coefficient min(1, max_norm / (norm + 1e-6))
+and a flag for a non-finite norm. The kernel multiplies each grad by the coefficient after
+AMP's unscaling, before the moments (telemetry sees the clipped grad), and never writes the
+clipped grad back: that write is what clip_grad_norm_ costs beyond this kernel. A non-finite
+norm skips the step as AMP's found_inf does (nothing written, the step count not bumped).
 """
 
 from __future__ import annotations
@@ -306,10 +315,11 @@ def _div(x, y, COMPUTE: tl.constexpr):
 @triton.jit
 def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
                       decay, one_minus_beta, beta, lerp_coef, step_size, bc_sqrt, eps,
-                      inv_scale, key, t_u32, thr_bc,
+                      inv_scale, clip_coef, key, t_u32, thr_bc,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
-                      TELEMETRY: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, STATE_SR: tl.constexpr,
+                      PARAM_SR: tl.constexpr, TELEMETRY: tl.constexpr, MASKED: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """One BLOCK of the update, elements ``base + [0, BLOCK)`` of the tensor. ``mask`` is None
     on whole blocks of aligned tensors (unmasked access).
 
@@ -328,6 +338,8 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
             tl.store(g_ptrs, _rne_bf16(g), mask=mask)
         else:
             tl.store(g_ptrs, g.to(PARAM), mask=mask)
+    if CLIP:
+        g = g * clip_coef  # Note [clipping]: after the write-back, which stays unclipped
     if HAS_MASTER:
         p = tl.load(w_ptrs, mask=mask)
     else:
@@ -472,14 +484,16 @@ def _tied_adamw_kernel(
     addr_ptr, meta_ptr, chunk_ptr, n_tensors,  # tables (unused when FLAT)
     hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
     scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
+    clip_ptr,  # fp32 [2]: clip coefficient, non-finite norm flag; read only when CLIP
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
     flat_group,  # FLAT only: the tensor's row in the hyperparameter table
     flat_key,  # FLAT only: the tensor's rounding stream key (Note [rng])
     tele_ptr, snr_threshold,  # fp32 [T, 5] per-tensor telemetry sums (used when TELEMETRY)
     ticket_ptr,  # int32 [T] zeros: programs of each tensor that finished (Note [step counts])
     PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    HAS_SCALE: tl.constexpr, STATE_SR: tl.constexpr, PARAM_SR: tl.constexpr,
-    TELEMETRY: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, STATE_SR: tl.constexpr,
+    PARAM_SR: tl.constexpr, TELEMETRY: tl.constexpr, FLAT: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Tied-beta AdamW over one chunk of one tensor (formula in the module docstring)."""
     pid = tl.program_id(0)
@@ -491,6 +505,15 @@ def _tied_adamw_kernel(
         inv_scale = (1.0 / tl.load(scale_ptr)).to(COMPUTE)
     else:
         inv_scale = 1.0
+    if CLIP:
+        # Note [clipping]: a non-finite global norm skips the step as AMP's found_inf does
+        clip_coef = tl.load(clip_ptr).to(COMPUTE)
+        if HAS_SCALE:
+            skip = skip | (tl.load(clip_ptr + 1) != 0)
+        else:
+            skip = tl.load(clip_ptr + 1) != 0
+    else:
+        clip_coef = 1.0
 
     (tid, start, numel, group, aligned, key, p_base, g_base, m_base, v_base, w_base,
      step_ptr) = _tensor_of_program(pid, addr_ptr, meta_ptr, chunk_ptr, n_tensors, flat_p,
@@ -568,8 +591,9 @@ def _tied_adamw_kernel(
             tl.multiple_of(m_c + o, _ALIGN), tl.multiple_of(v_c + o, _ALIGN),
             tl.multiple_of(w_c + o, _ALIGN), None, base,
             decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
-            key, t_u32, thr_bc,
-            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, False, BLOCK)
+            clip_coef, key, t_u32, thr_bc,
+            PARAM, STATE, HAS_MASTER, HAS_SCALE, CLIP, STATE_SR, PARAM_SR, TELEMETRY, False,
+            BLOCK)
         gsq += a
         qsq += b
         qmax = tl.maximum(qmax, mx)
@@ -584,8 +608,9 @@ def _tied_adamw_kernel(
         a, b, mx, nf, hi = _tied_adamw_block(
             p_c + o, g_c + o, m_c + o, v_c + o, w_c + o, o < rem32, base,
             decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
-            key, t_u32, thr_bc,
-            PARAM, STATE, HAS_MASTER, HAS_SCALE, STATE_SR, PARAM_SR, TELEMETRY, True, BLOCK)
+            clip_coef, key, t_u32, thr_bc,
+            PARAM, STATE, HAS_MASTER, HAS_SCALE, CLIP, STATE_SR, PARAM_SR, TELEMETRY, True,
+            BLOCK)
         gsq += a
         qsq += b
         qmax = tl.maximum(qmax, mx)
@@ -611,12 +636,13 @@ def _tied_adamw_kernel(
 
 @functools.lru_cache(maxsize=None)
 def launch_config(param_dtype: torch.dtype, state_dtype: torch.dtype, has_master: bool,
-                   has_scale: bool, state_sr: bool, param_sr: bool, telemetry: bool) -> dict:
+                  has_scale: bool, state_sr: bool, param_sr: bool, telemetry: bool,
+                  clip: bool = False) -> dict:
     """The constexprs and launch options of one kernel variant (made once, not per launch)."""
     state_sr = state_sr and state_dtype in (torch.bfloat16, torch.int8)
     param_sr = param_sr and param_dtype == torch.bfloat16 and not has_master
     return dict(PARAM=_TL_DTYPES[param_dtype], STATE=_TL_DTYPES[state_dtype],
-                HAS_MASTER=has_master, HAS_SCALE=has_scale, STATE_SR=state_sr,
+                HAS_MASTER=has_master, HAS_SCALE=has_scale, CLIP=clip, STATE_SR=state_sr,
                 PARAM_SR=param_sr, TELEMETRY=telemetry, CHUNK=CHUNK,
                 BLOCK=block_for(param_dtype, state_dtype), num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, enable_fp_fusion=ENABLE_FP_FUSION)
@@ -628,12 +654,13 @@ def launch_tied_adamw(table: MultiTensorTable, hyper: torch.Tensor, *,
                       found_inf: torch.Tensor | None = None,
                       state_sr: bool = False, param_sr: bool = False,
                       telemetry: torch.Tensor | None = None, snr_threshold: float = 0.5,
-                      tickets: torch.Tensor) -> None:
+                      tickets: torch.Tensor, clip: torch.Tensor | None = None) -> None:
     """Launch the kernel once over a table (each tensor's group and rounding stream key travel
     in it; one flat tensor goes through ``launch_flat``).
 
     The step counts hold the count before this step; the kernel increments them (Note [step
     counts]). ``tickets``: int32 zeros, one per tensor (the kernel leaves them zero).
+    ``clip``: fp32 [2] (coefficient, non-finite flag) on the device (Note [clipping]).
     """
     global launches
     has_scale = grad_scale is not None
@@ -642,21 +669,22 @@ def launch_tied_adamw(table: MultiTensorTable, hyper: torch.Tensor, *,
     tele = telemetry if telemetry is not None else dummy
     inf = found_inf if has_scale else dummy
     consts = launch_config(param_dtype, state_dtype, has_master, has_scale, state_sr, param_sr,
-                           telemetry is not None)
+                           telemetry is not None, clip is not None)
     grid = (table.n_chunks,)
     _tied_adamw_kernel[grid](table.addr, table.meta, table.chunk, table.n_tensors, hyper,
-                             scale, inf, dummy, dummy, dummy, dummy, dummy, dummy, 0, 0, 0,
-                             0, tele, snr_threshold, tickets, FLAT=False, **consts)
+                             scale, inf, dummy if clip is None else clip, dummy, dummy, dummy,
+                             dummy, dummy, dummy, 0, 0, 0, 0, tele, snr_threshold, tickets, FLAT=False, **consts)
     launches += 1
 
 
 def launch_flat(consts: dict, hyper: torch.Tensor, scale: torch.Tensor, inf: torch.Tensor,
-                tele: torch.Tensor, snr_threshold: float, tickets: torch.Tensor, p: torch.Tensor,
-                g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                step: torch.Tensor, group: int, key: int) -> None:
-    """One flat tensor (Note [flat] in optim/triton_backend.py) with its arguments resolved: ``consts`` from
-    ``launch_config``, ``scale``/``inf``/``tele`` tensors (``hyper`` where unused). Positional,
-    for the flat path's per-step call (Note [flat]; perf/bench_host.py's flat row). The
+                clip: torch.Tensor, tele: torch.Tensor, snr_threshold: float,
+                tickets: torch.Tensor, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor,
+                v: torch.Tensor, w: torch.Tensor, step: torch.Tensor, group: int,
+                key: int) -> None:
+    """One flat tensor (Note [flat] in optim/triton_backend.py) with its arguments resolved:
+    ``consts`` from ``launch_config``, ``scale``/``inf``/``clip``/``tele`` tensors (``hyper``
+    where unused). Positional, for the flat path's per-step call (Note [flat]; perf/bench_host.py's flat row). The
     alignment promise is computed here from the addresses, every launch."""
     global launches
     n = p.numel()
@@ -665,7 +693,7 @@ def launch_flat(consts: dict, hyper: torch.Tensor, scale: torch.Tensor, inf: tor
     aligned = int(not (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()
                        | w.data_ptr()) % ALIGN_BYTES)
     grid = (max(-(-n // CHUNK), 1),)  # an empty tensor still counts its step
-    _tied_adamw_kernel[grid](hyper, hyper, hyper, 0, hyper, scale, inf, p, g, m, v, w, step, n,
-                             aligned, group, key, tele, snr_threshold, tickets, FLAT=True,
-                             **consts)
+    _tied_adamw_kernel[grid](hyper, hyper, hyper, 0, hyper, scale, inf, clip, p, g, m, v, w,
+                             step, n, aligned, group, key, tele, snr_threshold, tickets,
+                             FLAT=True, **consts)
     launches += 1

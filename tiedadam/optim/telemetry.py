@@ -21,6 +21,8 @@ from ..kernels.layout import TELEMETRY_FIELDS as FIELDS
 from ..kernels.multi_tensor import upload
 from .bucket import MAX_CACHED
 
+CLIP_ENTRY = "(clip)"  # telemetry()'s entry for max_grad_norm's global norm (not a param name)
+
 
 @torch.no_grad()
 def torch_rows(out: Tensor, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -80,11 +82,15 @@ def readout(names: Sequence[str], rows: Tensor, numels: Tensor, reduce: bool = F
 
 def to_floats(tel: dict[str, dict[str, Tensor]], prefix: str = "telemetry") -> dict[str, float]:
     """Flatten ``TiedAdamW.telemetry()`` into ``{"telemetry/<name>/<field>": float}`` plus
-    model-wide ``telemetry/all/...`` values, for TensorBoard / W&B style loggers. This is where
+    model-wide ``telemetry/all/...`` values (and ``telemetry/clip/...`` with max_grad_norm:
+    the global norm before clipping, the coefficient, the skip flag), for TensorBoard / W&B style loggers. This is where
     the host waits for the device (one copy of everything). Under ZeRO, numel (and so RMS and
     fractions) includes the padding of DeepSpeed's flat partitions, where u = 0."""
+    clip = tel.get(CLIP_ENTRY)
+    extra = {} if clip is None else {f"{prefix}/clip/{k}": float(v) for k, v in clip.items()}
+    tel = {n: row for n, row in tel.items() if n != CLIP_ENTRY}
     if not tel:
-        return {}
+        return extra
     keys = ["grad_norm", "update_rms", "update_abs_max", "high_snr_fraction", "nonfinite_grads"]
     names = list(tel)
     stacked = torch.stack([torch.stack([tel[n][k].float() for k in keys + ["grad_sq_sum",
@@ -100,6 +106,7 @@ def to_floats(tel: dict[str, dict[str, Tensor]], prefix: str = "telemetry") -> d
                 f"{prefix}/all/update_sq_sum": float(stacked[:, 6].sum()),
                 f"{prefix}/all/high_snr_count": float(stacked[:, 7].sum()),
                 f"{prefix}/all/numel": float(stacked[:, 8].sum())})
+    out.update(extra)
     return out
 
 

@@ -22,11 +22,11 @@ from torch.optim import Optimizer
 from .. import _compat
 from .._compat import local_tensor
 from ..kernels.runtime import triton_unavailable_reason
-from . import checkpoint
+from . import checkpoint, clipping
 from . import group_rules as R
 from .backends import Backends
 from .step_plan import StepPlans, verify_step
-from .telemetry import TelemetryLog
+from .telemetry import CLIP_ENTRY, TelemetryLog
 
 _PARAMS = itemgetter("params")
 _GRAD = attrgetter("grad")
@@ -76,6 +76,17 @@ class TiedAdamW(Optimizer):
             signal-to-noise in the telemetry, in [0, 1). Default 0.5.
         names: parameter names for the telemetry, in parameter order (or pass
             ``model.named_parameters()`` as params, or use ``from_named_parameters``).
+        max_grad_norm: clip the grads by their global 2-norm inside the step, as
+            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before the update:
+            g ← g · min(1, max_grad_norm / (‖g‖ + 1e-6)), ‖g‖ over every grad the step updates
+            (all groups, after AMP's unscaling). The norm is taken on the device and the
+            update kernel applies the coefficient: ``p.grad`` is left as given (unscaled under
+            AMP, never clipped). ``last_grad_norm`` holds the norm (a device tensor); a
+            non-finite norm skips the step like AMP's found_inf (nothing changes, the step
+            is not counted). Default None (no clipping). Settable between steps.
+        norm_process_group: with FSDP1 (flat params), the process group the params are
+            sharded over (``model.process_group``): the norm's partial sums are all-reduced
+            over it. DTensor params (FSDP2) need nothing: their mesh is used.
         adam_w_mode, torch_adam, bias_correction: keys of DeepSpeed configs written for its
             Adam/AdamW; ``adam_w_mode`` and ``bias_correction`` must be True (decoupled weight
             decay, bias-corrected moments), ``torch_adam`` is ignored.
@@ -102,8 +113,13 @@ class TiedAdamW(Optimizer):
                  snr_threshold: float = 0.5, names: list[str] | None = None,
                  adam_w_mode: bool = True, torch_adam: bool | None = None,
                  amsgrad: bool = False, bias_correction: bool = True, fused: bool | None = None,
-                 foreach: bool | None = None, differentiable: bool = False):
+                 foreach: bool | None = None, differentiable: bool = False,
+                 max_grad_norm: float | None = None, norm_process_group: Any = None):
         self.backend = R.check_backend(backend)
+        self.max_grad_norm = max_grad_norm  # checked by the property
+        clipping.check_group(norm_process_group)
+        self._norm_group = norm_process_group
+        self.last_grad_norm: Tensor | None = None
         if backend == "triton":
             reason = triton_unavailable_reason()
             if reason is not None:
@@ -119,6 +135,7 @@ class TiedAdamW(Optimizer):
                         param_stochastic_rounding=param_stochastic_rounding, seed=seed)
         R.check_group(defaults, "")  # normalises in place (betas, state_dtype, seed)
         self._set_options(telemetry, snr_threshold)
+        self._clip = self._clip_checked = None
         self._rules = R.GroupRules()
         self._backends = Backends(self.backend)
         self._reset_caches()
@@ -157,7 +174,17 @@ class TiedAdamW(Optimizer):
     # Options that are not per-group hyperparameters travel with the object (deepcopy, pickle);
     # the per-group ones (state_dtype, seed, master_weights, ...) live in defaults and groups,
     # as torch keeps foreach/fused/capturable, so state_dict() round trips carry them too.
-    _INSTANCE_OPTIONS = ("backend", "telemetry_enabled", "snr_threshold", "_names")
+    _INSTANCE_OPTIONS = ("backend", "telemetry_enabled", "snr_threshold", "_names",
+                         "_max_grad_norm")  # (a process group does not pickle: not copied)
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The clipping bound (None: no clipping); may be changed between steps."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        self._max_grad_norm = clipping.check_max_grad_norm(value)
 
     def _settle(self) -> None:
         """What is saved is what the next step would use: beta/betas edits resolved, option
@@ -248,6 +275,11 @@ class TiedAdamW(Optimizer):
         d.setdefault("backend", "auto")
         d.setdefault("telemetry_enabled", False)
         d.setdefault("snr_threshold", 0.5)
+        d.setdefault("_max_grad_norm", None)
+        d.setdefault("_norm_group", None)
+        d.setdefault("last_grad_norm", None)
+        d.setdefault("_clip", None)
+        self._clip_checked = None
         if "_rules" not in d:  # a copy or an unpickled optimizer (a load keeps its own)
             self._rules = R.GroupRules()
             self._backends = Backends(self.backend)
@@ -334,6 +366,10 @@ class TiedAdamW(Optimizer):
         # The plan for this set of params (and groups), if its guard still holds (Note [guard]
         # in guard.py); else verified and built anew.
         key = (tuple(map(id, params)), tuple(map(len, lists)), sel, self._state_version)
+        if self._max_grad_norm is not None and self._norm_group is None and (
+                key != self._clip_checked):  # before anything changes
+            clipping.check_not_fsdp1(params)
+            self._clip_checked = key
         found = self._plans.reuse(key, self.state, params, grads)
         if found is None:
             found = self._plans.build(key, groups, self.state, self._rules, self._backends,
@@ -341,10 +377,17 @@ class TiedAdamW(Optimizer):
         plan, inputs = found
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clip = None
+        if self._max_grad_norm is not None:  # Note [global norm] in clipping.py
+            norm = clipping.global_norm([e.param for e in plan.entries], inputs.grads,
+                                        grad_scale, self._norm_group)
+            clip = clipping.coefficients(norm, self._max_grad_norm)
+            self.last_grad_norm, self._clip = norm, clip
         for i, (backend, b) in enumerate(plan.buckets):
             b.bind(inputs)
             self._backends[backend].step(b, (key, plan.serial, i), groups, grad_scale,
-                                         found_inf, self.snr_threshold)
+                                         found_inf, self.snr_threshold,
+                                         None if clip is None else clip.to(b.device))
             b.release()  # the grads belong to the user (zero_grad frees them)
         inputs.finish(plan.entries, grad_scale)
         if self.telemetry_enabled:
@@ -359,7 +402,15 @@ class TiedAdamW(Optimizer):
 
         ``reduce=True`` combines the per-rank values of sharded params (FSDP, ZeRO) over the
         default process group with one all-gather (a collective: call it on every rank).
-        ``tiedadam.optim.telemetry.to_floats`` flattens the result for loggers."""
+        ``tiedadam.optim.telemetry.to_floats`` flattens the result for loggers.
+
+        With ``max_grad_norm`` the grad fields describe the clipped grad, and one more entry,
+        ``"(clip)"``, holds ``grad_norm`` (the global norm before clipping, already reduced
+        over the ranks), ``clip_coef`` and ``skipped`` (1.0 when the norm was not finite)."""
         if not self.telemetry_enabled:
             raise RuntimeError("telemetry is off: construct TiedAdamW(..., telemetry=True)")
-        return self._telemetry.read(self.param_groups, reduce)
+        out = self._telemetry.read(self.param_groups, reduce)
+        if self._max_grad_norm is not None and self._clip is not None:
+            out[CLIP_ENTRY] = {"grad_norm": self.last_grad_norm, "clip_coef": self._clip[0],
+                               "skipped": self._clip[1]}
+        return out

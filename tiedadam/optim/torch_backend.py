@@ -49,31 +49,44 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      lr: float | Tensor, beta: float, eps: float, weight_decay: float,
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                      keys: Sequence[int] | None = None, state_sr: bool = False,
-                     param_sr: bool = False) -> None:
+                     param_sr: bool = False, clip: Tensor | None = None) -> None:
     """One step for one param group. ``state_steps`` must already hold t. ``keys`` (one per
     tensor: mix(stream key, t), Note [torch rng]) are needed when rounding stochastically. With
     ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
-    torch's fused AdamW leaves them."""
+    torch's fused AdamW leaves them. ``clip``: the clip coefficient (0-dim, on the params'
+    device; Note [clipping] in kernels/tied_adamw.py): the update uses g * clip, the grads are
+    not clipped in place; ``found_inf`` then already holds the non-finite-norm flag too."""
     if not params:
         return
+    if clip is not None:
+        if grad_scale is not None:  # unscaled in place, as the fused op would (not if skipped)
+            divisor = torch.where(found_inf != 0, torch.ones_like(grad_scale), grad_scale)
+            for g in grads:
+                g.div_(divisor)
+            grad_scale = None
     kw = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=weight_decay, eps=eps,
               amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=found_inf)
     plain = [i for i, p in enumerate(params)
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
              and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)]
     if plain:
-        _compat.fused_adamw_([params[i] for i in plain], [grads[i] for i in plain],
+        gp = [grads[i] for i in plain]
+        if clip is not None:  # the clipped grads the update reads; the user's stay as given
+            gp = [g * clip.to(g.dtype) for g in gp]
+        _compat.fused_adamw_([params[i] for i in plain], gp,
                             [exp_avgs[i] for i in plain], [exp_avg_sqs[i] for i in plain], [],
                             [state_steps[i] for i in plain], **kw)
     if len(plain) == len(params):
         return
     other = sorted(set(range(len(params))) - set(plain))
     if params[other[0]].device.type == "cpu":
+        if found_inf is not None and float(found_inf) != 0:
+            return  # a skipped step changes nothing (a CPU tensor: no sync to read it)
         other = [i for i in other if not _compiled_cpu_step(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], state_steps[i],
             lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
             found_inf=found_inf, key=keys[i] if keys else 0, state_sr=state_sr,
-            param_sr=param_sr)]
+            param_sr=param_sr, clip=clip)]
         if not other:
             return
     # fp32 working copies: the master weight when there is one, else the upcast param.
@@ -82,6 +95,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
            else exp_avgs[i].float() for i in other]
     v32 = [exp_avg_sqs[i].float() for i in other]
     g32 = [grads[i].float() for i in other]
+    if clip is not None:
+        g32 = [g * clip for g in g32]
     _compat.fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
     for j, i in enumerate(other):
         gen = None
@@ -115,7 +130,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
 def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                        step: Tensor, *, lr, beta: float, eps: float, weight_decay: float,
                        grad_scale: Tensor | None, found_inf: Tensor | None, key: int,
-                       state_sr: bool, param_sr: bool) -> bool:
+                       state_sr: bool, param_sr: bool, clip: Tensor | None = None) -> bool:
     """One CPU tensor through the compiled one-pass step (kernels/tied_adamw_cpu.py); False
     when it cannot take it (a layout it does not walk, a tensor of 0 or 1 elements, or no
     compiler: torch ops then)."""
@@ -132,7 +147,8 @@ def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | N
     if found_inf is not None and float(found_inf) != 0:
         return True  # AMP: a step with non-finite grads changes nothing (the count is undone)
     inv_scale = 1.0 if grad_scale is None else float(1.0 / grad_scale.float())
-    s = C.scalars(float(lr), beta, eps, weight_decay, float(step), inv_scale)
+    s = C.scalars(float(lr), beta, eps, weight_decay, float(step), inv_scale,
+                  1.0 if clip is None else float(clip))
     k = (key & 0xFFFFFFFF, key >> 32)
     keys = torch.tensor([x - (1 << 32) if x >= 1 << 31 else x for x in k], dtype=torch.int32)
     return C.run(p.view(-1), g.view(-1), m.view(-1), v.view(-1),
@@ -156,13 +172,19 @@ class TorchBackend:
         pass
 
     def step(self, b, key, groups: Sequence[dict], grad_scale: Tensor | None,
-             found_inf: Tensor | None, snr_threshold: float) -> None:
+             found_inf: Tensor | None, snr_threshold: float,
+             clip: Tensor | None = None) -> None:
         """Bucket ``b`` (verified this step, verify.py). ``key`` names the plan (unused: no
-        tables here)."""
+        tables here). ``clip``: fp32 [2] (coefficient, non-finite-norm flag) on the bucket's
+        device (Note [clipping] in kernels/tied_adamw.py)."""
         if _compat.fused_adamw_ is None:  # pragma: no cover - refused earlier by choose()
             raise RuntimeError("this torch has no fused AdamW op")
         _compat.foreach_add_(b.steps, 1.0)
         scale, inf = per_device(grad_scale, found_inf, b.device)
+        coef = None
+        if clip is not None:  # a non-finite norm skips the step as AMP's found_inf does
+            coef = clip[0]
+            inf = clip[1] if inf is None else torch.maximum(inf, clip[1])
         for gi in sorted(set(b.groups)):
             idx = [i for i, g in enumerate(b.groups) if g == gi]
             group = groups[gi]
@@ -177,13 +199,16 @@ class TorchBackend:
                              [b.masters[i] for i in idx], [b.steps[i] for i in idx],
                              lr=group["lr"], beta=group["beta"], eps=eps,
                              weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
-                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr)
+                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr, clip=coef)
             if b.telemetry is not None:
                 from .telemetry import torch_rows
                 rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)
-                # The grads are unscaled now, except on a skipped (found_inf) step.
-                still = None if scale is None else torch.where(inf != 0, scale,
-                                                               torch.ones_like(scale))
+                # The grads are unscaled now, except on a skipped (found_inf) step; the
+                # update read them clipped (by coef), which the rows describe.
+                one = torch.ones((), device=b.device)
+                still = None if scale is None else torch.where(inf != 0, scale, one)
+                if coef is not None:
+                    still = torch.where(inf != 0, one if still is None else still, 1.0 / coef)
                 torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
                            [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
                            beta=group["beta"], eps=eps, snr_threshold=snr_threshold,

@@ -114,16 +114,17 @@ class TritonBackend:
 
     def step(self, b: Bucket, key: Hashable, groups: Sequence[dict],
              grad_scale: Tensor | None, found_inf: Tensor | None,
-             snr_threshold: float) -> None:
+             snr_threshold: float, clip: Tensor | None = None) -> None:
         """One launch for bucket ``b``, whose tensors were verified this step (verify.py). The
         kernel bumps the step counts (Note [step counts] in the kernel): no foreach op here.
-        ``key`` names the bucket's plan: its address table is cached under it."""
-        hyper, table = self._launch(b, key, groups, grad_scale, found_inf, snr_threshold)
+        ``key`` names the bucket's plan: its address table is cached under it. ``clip``: fp32
+        [2] on the bucket's device (Note [clipping] in the kernel)."""
+        hyper, table = self._launch(b, key, groups, grad_scale, found_inf, snr_threshold, clip)
         if capturing(b.device):
-            self.graph_buffers.append((b.tickets, b.telemetry, hyper, table))
+            self.graph_buffers.append((b.tickets, b.telemetry, hyper, table, clip))
 
     def _launch(self, b: Bucket, key: Hashable, groups: Sequence[dict], grad_scale,
-                found_inf, snr_threshold: float):
+                found_inf, snr_threshold: float, clip: Tensor | None):
         """The launch; returns the hyperparameter table and the address table (None: flat)
         it used."""
         if b.state_dtype == torch.int8 and ratio8.CODE != "linear":
@@ -141,9 +142,9 @@ class TritonBackend:
             # and positionally (``launch_flat``), this path's whole host budget is ~30 us.
             consts = K.launch_config(b.param_dtype, b.state_dtype, b.has_master,
                                      scale is not None, b.state_sr, b.param_sr,
-                                     b.telemetry is not None)
+                                     b.telemetry is not None, clip is not None)
             K.launch_flat(consts, hyper, hyper if scale is None else scale,
-                          hyper if scale is None else inf,
+                          hyper if scale is None else inf, hyper if clip is None else clip,
                           hyper if b.telemetry is None else b.telemetry, snr_threshold,
                           b.tickets, b.params[0], b.grads[0], b.exp_avgs[0], b.exp_avg_sqs[0],
                           masters[0], b.steps[0], b.groups[0], b.keys[0])
@@ -160,5 +161,5 @@ class TritonBackend:
                             state_dtype=b.state_dtype, has_master=b.has_master,
                             grad_scale=scale, found_inf=inf, state_sr=b.state_sr,
                             param_sr=b.param_sr, telemetry=b.telemetry,
-                            snr_threshold=snr_threshold, tickets=b.tickets)
+                            snr_threshold=snr_threshold, tickets=b.tickets, clip=clip)
         return hyper, table

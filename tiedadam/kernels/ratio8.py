@@ -15,8 +15,9 @@ square root per element to decode.
 
 * Code: ``CODE`` names it. "linear": q = 127 r, |q| <= 127 (int8, -128 unused), a step of 1/127
   everywhere. "sqrt" (companded): q = 127 sign(r) sqrt(|r|), r = sign(q) (q/127)^2: finer steps
-  near r = 0, where noisy coordinates sit, 2/127 near |r| = 1. perf/ratio8_study.py measures
-  both; which one is used, and why, is written where CODE is set.
+  near r = 0, where noisy coordinates sit, 2/127 near |r| = 1. perf/precision_study.py
+  measures both (modes ratio8, ratio8-sqrt); which one is used, and why, is written where CODE
+  is set.
 * Rounding: stochastic and unbiased *in r*: between the two codes around r, the upper one with
   probability (r - r_lo) / (r_hi - r_lo) (16 random bits: the low half of what a bf16 exp_avg
   would use; exp_avg_sq takes the high half, as in the bf16-state mode), or to the nearest
@@ -38,9 +39,11 @@ from torch import Tensor
 
 NAME = "ratio8"  # the state_dtype value (a string: JSON configs, state dicts)
 LEVELS = 127  # |q| <= LEVELS
-# The code in use (Note [ratio8]). perf/ratio8_study.py trains with both (this switch, read
-# at every launch and conversion, is how it chooses); "linear": see the study's reading in
-# docs/performance.md.
+# The code in use (Note [ratio8]). perf/precision_study.py trains with both (this switch,
+# read at every launch and conversion, is how its ratio8-sqrt mode runs). "linear", because the
+# study (docs/performance.md, "ratio8 moments") found no difference in loss between the two at
+# beta 0.9 and 0.95 over three seeds, and the linear code has the finer step near |r| = 1,
+# allows beta up to 1 - 1/127 (not 1 - 2/127) and is the one the Triton kernel encodes.
 CODE = "linear"
 
 

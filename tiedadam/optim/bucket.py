@@ -41,6 +41,17 @@ class Bucket:
     whole: bool = False  # the only bucket of its step: index is every entry, in order
     has_copies: bool = False  # some params step through working copies
     base_params: list | None = None  # params outside a step (copies: the build step's, unused)
+    clip_buffers: dict = field(default_factory=dict)  # torch backend: clipped grads, by position
+
+    def clip_buffer(self, i: int) -> Tensor:
+        """A tensor laid out like this step's grad ``i``, kept across steps, for the clipped
+        grad torch's fused op reads (optim/torch_backend.py)."""
+        g = self.grads[i]
+        buf = self.clip_buffers.get(i)
+        if (buf is None or buf.shape != g.shape or buf.dtype != g.dtype
+                or buf.device != g.device or buf.stride() != g.stride()):
+            buf = self.clip_buffers[i] = torch.empty_like(g)
+        return buf
 
     def bind(self, inputs) -> None:
         """This step's grads and working copies (``step_plan.StepInputs``), verified."""

@@ -49,13 +49,17 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      lr: float | Tensor, beta: float, eps: float, weight_decay: float,
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                      keys: Sequence[int] | None = None, state_sr: bool = False,
-                     param_sr: bool = False, clip: Tensor | None = None) -> None:
+                     param_sr: bool = False, clip: Tensor | None = None,
+                     clip_buffer=None) -> None:
     """One step for one param group. ``state_steps`` must already hold t. ``keys`` (one per
     tensor: mix(stream key, t), Note [torch rng]) are needed when rounding stochastically. With
     ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
     torch's fused AdamW leaves them. ``clip``: the clip coefficient (0-dim, on the params'
     device; Note [clipping] in kernels/tied_adamw.py): the update uses g * clip, the grads are
-    not clipped in place; ``found_inf`` then already holds the non-finite-norm flag too."""
+    not clipped in place; ``found_inf`` then already holds the non-finite-norm flag too. Where
+    torch's fused op needs the clipped grad as a tensor, it is written into ``clip_buffer(i)``
+    (kept by the caller across steps: a fresh CPU tensor of a grad's size costs its page
+    faults every step, several times the multiply itself), or a new tensor without one."""
     if not params:
         return
     if clip is not None:
@@ -72,7 +76,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if plain:
         gp = [grads[i] for i in plain]
         if clip is not None:  # the clipped grads the update reads; the user's stay as given
-            gp = [g * clip.to(g.dtype) for g in gp]
+            gp = [torch.mul(g, clip.to(g.dtype), out=clip_buffer(i)) if clip_buffer else
+                  g * clip.to(g.dtype) for i, g in zip(plain, gp)]
         _compat.fused_adamw_([params[i] for i in plain], gp,
                             [exp_avgs[i] for i in plain], [exp_avg_sqs[i] for i in plain], [],
                             [state_steps[i] for i in plain], **kw)
@@ -199,7 +204,9 @@ class TorchBackend:
                              [b.masters[i] for i in idx], [b.steps[i] for i in idx],
                              lr=group["lr"], beta=group["beta"], eps=eps,
                              weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
-                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr, clip=coef)
+                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr, clip=coef,
+                             clip_buffer=None if coef is None else (
+                                 lambda k, idx=idx: b.clip_buffer(idx[k])))
             if b.telemetry is not None:
                 from .telemetry import torch_rows
                 rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)

@@ -350,6 +350,7 @@ BLOCKS = {
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),
+    "cpu_clip": lambda: step_table("perf/results/cpu/clip/bench_step.json"),
     "gpu_step": lambda: gpu_block("bench_step.json", step_table),
     "gpu_variants": lambda: gpu_block("bench_variants.json", variants_table),
     "gpu_train": lambda: gpu_block("bench_train.json", train_table),

@@ -72,28 +72,33 @@ MODES = {  # every mode of an fp32 param: the clipped grad is the same fp32 prod
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", list(MODES))
-def test_same_bits_as_clipping_the_grads_first(backend, mode):
-    """g * coef in the kernel is the product clip_grad_norm_ writes (same fp32 coefficient, as
-    torch computes it): TiedAdamW(max_grad_norm) equals clip_grad_norm_ then TiedAdamW, bit
-    for bit, rounding noise included."""
-    ps = fresh()
+def assert_same_as_clipping_first(kw, sizes=SIZES, steps=3, max_norm=0.5):
+    """TiedAdamW(max_grad_norm) against clip_grad_norm_ then TiedAdamW, same grads, bit for
+    bit after every step (params and every state tensor)."""
+    ps = fresh(sizes=sizes)
     ref = twin(ps)
-    kw = dict(backend=backend, seed=11, **MODES[mode], **HYPER)
-    opt = TiedAdamW(ps, max_grad_norm=0.5, **kw)
+    opt = TiedAdamW(ps, max_grad_norm=max_norm, **kw)
     ropt = TiedAdamW(ref, **kw)
-    for _ in range(3):
+    for _ in range(steps):
         for p, r in zip(ps, ref):
             p.grad = torch.randn_like(p)
             r.grad = p.grad.clone()
-        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        torch.nn.utils.clip_grad_norm_(ref, max_norm)
         opt.step()
         ropt.step()
         for p, r in zip(ps, ref):
             assert torch.equal(p, r)
             for k in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(opt.state[p][k], ropt.state[r][k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_same_bits_as_clipping_the_grads_first(backend, mode):
+    """g * coef in the kernel is the product clip_grad_norm_ writes (same fp32 coefficient, as
+    torch computes it): TiedAdamW(max_grad_norm) equals clip_grad_norm_ then TiedAdamW, bit
+    for bit, rounding noise included."""
+    assert_same_as_clipping_first(dict(backend=backend, seed=11, **MODES[mode], **HYPER))
 
 
 @pytest.mark.parametrize("mode", ["bf16-state-nearest", "ratio8"])
@@ -103,22 +108,11 @@ def test_compiled_cpu_step_clips_as_the_kernel(mode, monkeypatch):
     monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
     from tiedadam.kernels import tied_adamw_cpu as C
     C.reset_fallback()
-    ps = fresh(sizes=(4000, 33))
-    ref = twin(ps)
-    kw = dict(backend="torch", seed=5, **MODES[mode], **HYPER)
-    opt = TiedAdamW(ps, max_grad_norm=0.5, **kw)
-    ropt = TiedAdamW(ref, **kw)
-    for _ in range(2):
-        for p, r in zip(ps, ref):
-            p.grad = torch.randn_like(p)
-            r.grad = p.grad.clone()
-        torch.nn.utils.clip_grad_norm_(ref, 0.5)
-        opt.step()
-        ropt.step()
-    assert C.compiled_available()
-    for p, r in zip(ps, ref):
-        assert torch.equal(p, r)
-        assert torch.equal(opt.state[p]["exp_avg"], ropt.state[r]["exp_avg"])
+    ran, run = [], C.run
+    monkeypatch.setattr(C, "run", lambda *a, **k: ran.append(run(*a, **k)) or ran[-1])
+    assert_same_as_clipping_first(dict(backend="torch", seed=5, **MODES[mode], **HYPER),
+                                  sizes=(4000, 33), steps=2)
+    assert ran and all(ran)  # every tensor of both optimizers went through the compiled step
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,7 +4,8 @@ Each case draws a model (0-dim, empty, odd, multi-chunk tensors; fp32, fp64 and 
 transposed, channels_last and non-dense params; grads in other layouts, with the negative bit,
 or tensor subclasses without storage), 1-3 param groups, whether it steps as ZeRO-3 does with
 sub-groups (each param alone through its group dict), and a script of steps with edits between
-them (lr, beta/betas, eps, weight_decay, some as 1-element tensors), option edits (seed,
+them (lr, beta/betas, eps, weight_decay, some as 1-element tensors), steps clipped by
+max_grad_norm (against clip_grad_norm_ on the reference), option edits (seed,
 rounding flags, master_weights, state_dtype incl. ratio8), a state_dict save -> load into a fresh
 optimizer, AMP steps with a scale and injected infs, invalid edits, and storages freed or
 shrunk under a param, a state tensor or a grad. After every action the case either matches the
@@ -169,6 +170,27 @@ class Case:
         if self.twin is not None:
             self._step_ours(self.twin[1], self.twin[0])
         self.edit_pending = False
+
+    def clip_step(self):
+        """A step with max_grad_norm set (bound drawn around the grads' norm, so about half
+        the steps clip) against clip_grad_norm_ on the reference's grads. ZeRO-3-style
+        sub-group calls take the norm of each call's grads (DeepSpeed refuses max_grad_norm):
+        those cases step unclipped."""
+        self.grads()
+        if self.subgroups:
+            self.step()
+            return
+        n = sum(p.numel() for p in self.ours if p.grad is not None)
+        bound = math.sqrt(max(n, 1)) * self.rng.uniform(0.3, 1.7)
+        opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
+        torch.nn.utils.clip_grad_norm_([q for q in self.theirs if q.grad is not None], bound)
+        for o in opts:
+            o.max_grad_norm = bound
+        try:
+            self.step()
+        finally:
+            for o in opts:
+                o.max_grad_norm = None
 
     def amp_step(self, overflow: bool):
         edit_was_pending = self.edit_pending
@@ -339,9 +361,11 @@ def run_case(seed: int) -> None:
     c = Case(seed)
     for _ in range(c.rng.randint(2, 6)):
         r = c.rng.random()
-        if r < 0.4:
+        if r < 0.3:
             c.grads()
             c.step()
+        elif r < 0.4:
+            c.clip_step()
         elif r < 0.5:
             c.edit()
         elif r < 0.6:

@@ -46,8 +46,8 @@ counts them).
 Note [clipping]
 ---------------
 With ``max_grad_norm`` (optim/clipping.py) the host side computes the global grad norm on the
-device and hands the kernel two fp32 scalars: the coefficient min(1, max_norm / (norm + 1e-6))
-and a flag for a non-finite norm. The kernel multiplies each grad by the coefficient after
+device and hands the kernel two scalars (fp32, or fp64 when a grad is fp64, as torch computes
+them): the coefficient min(1, max_norm / (norm + 1e-6)) and a flag for a non-finite norm. The kernel multiplies each grad by the coefficient after
 AMP's unscaling, before the moments (telemetry sees the clipped grad), and never writes the
 clipped grad back: that write is what clip_grad_norm_ costs beyond this kernel. A non-finite
 norm skips the step as AMP's found_inf does (nothing written, the step count not bumped).
@@ -484,7 +484,7 @@ def _tied_adamw_kernel(
     addr_ptr, meta_ptr, chunk_ptr, n_tensors,  # tables (unused when FLAT)
     hyper_ptr,  # fp64 [G, 4]: lr, beta, eps, weight_decay
     scale_ptr, found_inf_ptr,  # fp32 scalars, read only when HAS_SCALE
-    clip_ptr,  # fp32 [2]: clip coefficient, non-finite norm flag; read only when CLIP
+    clip_ptr,  # [2] fp32 (fp64 with fp64 grads): coefficient, non-finite flag; when CLIP
     flat_p, flat_g, flat_m, flat_v, flat_w, flat_step, flat_numel, flat_aligned,  # FLAT only
     flat_group,  # FLAT only: the tensor's row in the hyperparameter table
     flat_key,  # FLAT only: the tensor's rounding stream key (Note [rng])
@@ -660,7 +660,7 @@ def launch_tied_adamw(table: MultiTensorTable, hyper: torch.Tensor, *,
 
     The step counts hold the count before this step; the kernel increments them (Note [step
     counts]). ``tickets``: int32 zeros, one per tensor (the kernel leaves them zero).
-    ``clip``: fp32 [2] (coefficient, non-finite flag) on the device (Note [clipping]).
+    ``clip``: [2] (coefficient, non-finite flag) on the device (Note [clipping]).
     """
     global launches
     has_scale = grad_scale is not None

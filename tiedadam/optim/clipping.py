@@ -75,12 +75,12 @@ def check_not_fsdp1(params: Sequence[Tensor]) -> None:
 
 def _norm(grads: Sequence[Tensor], device: torch.device) -> Tensor:
     """The 2-norm of ``grads`` together, as ``clip_grad_norm_`` takes it: each tensor's norm by
-    one foreach norm per (device, dtype), then the norm of those (fp32; fp64 when every grad
-    is fp64), on ``device``."""
+    one foreach norm per (device, dtype), then the norm of those on ``device``, in fp64 if any
+    grad is fp64 (torch.stack's promotion in clip_grad_norm_), else fp32."""
     by_kind: dict = {}
     for g in grads:
         by_kind.setdefault((g.device, g.dtype), []).append(g)
-    acc = torch.float64 if all(g.dtype == torch.float64 for g in grads) else torch.float32
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     norms = []
     for (dev, dtype), ts in by_kind.items():
         norms += [n.to(device, acc, non_blocking=True) for n in _compat.foreach_norm(
@@ -96,7 +96,8 @@ def _placement_key(p: Tensor):
 def global_norm(params: Sequence[Tensor], grads: Sequence[Tensor],
                 grad_scale: Tensor | None, norm_group) -> Tensor:
     """The global 2-norm of ``grads`` (local, in the walk layout; ``params`` the Parameters
-    they belong to), as a 0-dim fp32 tensor on the first grad's device (Note [global norm])."""
+    they belong to), as a 0-dim tensor on the first grad's device, fp32 (fp64 when a grad is
+    fp64, as clip_grad_norm_ returns it) (Note [global norm])."""
     device = grads[0].device
     plain, sharded = [], {}  # DTensor sets keyed by (mesh, placements), in first-seen order
     for p, g in zip(params, grads):
@@ -121,17 +122,19 @@ def global_norm(params: Sequence[Tensor], grads: Sequence[Tensor],
         partial = [Partial() if pl.is_shard() else Replicate() for pl in placements]
         full = DTensor.from_local(sq, mesh, partial, run_check=False).full_tensor()
         squares.append(full.to(device, non_blocking=True))
-    norm = n if squares is None else torch.stack(
-        [q.to(torch.float64 if q.dtype == torch.float64 else torch.float32) for q in squares]
-    ).sum().sqrt()
+    if squares is not None:
+        acc = torch.float64 if any(q.dtype == torch.float64 for q in squares) else torch.float32
+        n = torch.stack([q.to(acc) for q in squares]).sum().sqrt()
     if grad_scale is not None:
-        norm = norm / grad_scale.to(device, torch.float32, non_blocking=True)
-    return norm.to(torch.float32)
+        n = n / grad_scale.to(device, torch.float32, non_blocking=True)
+    return n
 
 
 def coefficients(norm: Tensor, max_norm: float) -> Tensor:
-    """fp32 [2] on ``norm``'s device: (min(1, max_norm / (norm + 1e-6)), 1.0 where the norm
-    is not finite else 0.0): what the kernel reads (Note [clipping])."""
+    """[2] in ``norm``'s dtype and device: (min(1, max_norm / (norm + 1e-6)), 1.0 where the
+    norm is not finite else 0.0): what the kernel reads (Note [clipping]). An fp64 coefficient
+    is rounded to the compute dtype where it is used, as torch's multiply of an fp32 grad by
+    clip_grad_norm_'s fp64 coefficient rounds it."""
     coef = (max_norm / (norm + EPS)).clamp(max=1.0)
-    bad = (~torch.isfinite(norm)).to(torch.float32)
+    bad = (~torch.isfinite(norm)).to(norm.dtype)
     return torch.stack([torch.where(bad != 0, torch.zeros_like(coef), coef), bad])

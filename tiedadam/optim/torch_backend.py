@@ -180,7 +180,7 @@ class TorchBackend:
              found_inf: Tensor | None, snr_threshold: float,
              clip: Tensor | None = None) -> None:
         """Bucket ``b`` (verified this step, verify.py). ``key`` names the plan (unused: no
-        tables here). ``clip``: fp32 [2] (coefficient, non-finite-norm flag) on the bucket's
+        tables here). ``clip``: [2] (coefficient, non-finite-norm flag) on the bucket's
         device (Note [clipping] in kernels/tied_adamw.py)."""
         if _compat.fused_adamw_ is None:  # pragma: no cover - refused earlier by choose()
             raise RuntimeError("this torch has no fused AdamW op")
@@ -188,8 +188,8 @@ class TorchBackend:
         scale, inf = per_device(grad_scale, found_inf, b.device)
         coef = None
         if clip is not None:  # a non-finite norm skips the step as AMP's found_inf does
-            coef = clip[0]
-            inf = clip[1] if inf is None else torch.maximum(inf, clip[1])
+            coef, bad = clip[0], clip[1].to(torch.float32)  # (torch's ops read fp32 flags)
+            inf = bad if inf is None else torch.maximum(inf, bad)
         for gi in sorted(set(b.groups)):
             idx = [i for i, g in enumerate(b.groups) if g == gi]
             group = groups[gi]

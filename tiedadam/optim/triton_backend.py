@@ -117,7 +117,7 @@ class TritonBackend:
              snr_threshold: float, clip: Tensor | None = None) -> None:
         """One launch for bucket ``b``, whose tensors were verified this step (verify.py). The
         kernel bumps the step counts (Note [step counts] in the kernel): no foreach op here.
-        ``key`` names the bucket's plan: its address table is cached under it. ``clip``: fp32
+        ``key`` names the bucket's plan: its address table is cached under it. ``clip``:
         [2] on the bucket's device (Note [clipping] in the kernel)."""
         hyper, table = self._launch(b, key, groups, grad_scale, found_inf, snr_threshold, clip)
         if capturing(b.device):

@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
-from lm import TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402
+from lm import (TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup,  # noqa: E402
+                train_step)
 
 SETTINGS = {"tied 0.9": (0.9, 0.9), "tied 0.95": (0.95, 0.95), "tied 0.975": (0.975, 0.975),
             "untied 0.9/0.95": (0.9, 0.95), "untied 0.9/0.999": (0.9, 0.999)}
@@ -98,12 +99,7 @@ def run(setting, lr, seed, data, cfg, args, device):
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step, args.steps, args.warmup)
-        x, y = data.batch("train", args.batch, cfg.seq, gen)
-        loss = model(x.to(device), y.to(device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        losses.append(train_step(model, opt, data, args.batch, cfg.seq, gen, device))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             rms, high, _ = (tied_stats(opt, model, 0) if b1 == b2 else untied_stats(opt, 1))
             log.append(dict(step=step + 1, update_rms=rms, high_snr_fraction=high))

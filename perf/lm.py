@@ -114,6 +114,17 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def train_step(model, opt, data: Data, batch: int, seq: int, gen: torch.Generator,
+               device) -> float:
+    """One training batch: forward, backward, ``opt.step()``, ``zero_grad``; the loss."""
+    x, y = data.batch("train", batch, seq, gen)
+    loss = model(x.to(device), y.to(device))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.detach())
+
+
 @torch.no_grad()
 def evaluate(model, data: Data, batches: int, batch: int, seq: int, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)

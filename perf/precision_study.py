@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_HELP, SCRATCH, machine, progress, versions, write_json  # noqa: E402
-from lm import Data, LMConfig, TinyLM, add_lm_args, cosine_lr, evaluate, param_groups, setup  # noqa: E402,E501
+from lm import (Data, LMConfig, TinyLM, add_lm_args, cosine_lr, evaluate, param_groups,  # noqa: E402
+                setup, train_step)
 
 BF16, FP32 = torch.bfloat16, torch.float32
 EPS = 1e-8
@@ -146,12 +147,7 @@ def train(mode: str, beta: float, seed: int, data: Data, cfg: LMConfig, args,
                     g["lr"].fill_(lr)  # torchao keeps lr as a tensor and wants it so
                 else:
                     g["lr"] = lr
-            x, y = data.batch("train", args.batch, cfg.seq, gen)
-            loss = model(x.to(device), y.to(device))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(model, opt, data, args.batch, cfg.seq, gen, device))
         stats = update_stats(opt)
     finally:
         ratio8.CODE = code

@@ -8,7 +8,7 @@ verified where that matters, and what happens when this torch lacks it. Nothing 
 |---|---|---|---|---|
 | ``set_grad_enabled`` | ``torch._C._set_grad_enabled`` | ``step()`` under no_grad without a context manager's cost | 2.11, 2.13 | ``torch.set_grad_enabled`` |
 | ``fused_adamw_`` | ``torch._fused_adamw_`` | the torch backend's step | 2.4-2.13 | CPU backend refuses with the reason |
-| ``foreach_add_``, ``foreach_sub_``, ``foreach_copy_`` | ``torch._foreach_*`` | step counts; the compiled CPU step's outputs | 2.4-2.13 | (required by torch.optim itself) |
+| ``foreach_add_``, ``foreach_sub_``, ``foreach_copy_``, ``foreach_div_`` | ``torch._foreach_*`` | step counts; the compiled CPU step's outputs; unscaling grads before clipping (torch backend) | 2.4-2.13 | (required by torch.optim itself) |
 | ``foreach_norm`` | ``torch._foreach_norm`` | the global grad norm of ``max_grad_norm`` (what ``clip_grad_norm_`` uses) | 2.11, 2.13 | one ``torch.linalg.vector_norm`` per grad |
 | ``fsdp1_flattened`` | ``torch.distributed.fsdp._common_utils._is_fsdp_flattened`` | refusing ``max_grad_norm`` over FSDP1 shards without a process group | 2.13 | the ``_fsdp_flattened`` attribute it reads |
 | ``TensorGuards``, ``dict_version`` | ``torch._C._dynamo.guards`` | the guard's fast check | 2.13 | ``fast_guard_works()`` False: full comparison |
@@ -42,6 +42,7 @@ fused_adamw_ = getattr(torch, "_fused_adamw_", None)  # None: no fused AdamW in 
 foreach_add_ = torch._foreach_add_
 foreach_sub_ = torch._foreach_sub_
 foreach_copy_ = torch._foreach_copy_
+foreach_div_ = torch._foreach_div_
 _foreach_norm = getattr(torch, "_foreach_norm", None)
 
 
@@ -55,7 +56,8 @@ def foreach_norm(tensors: list, dtype: torch.dtype) -> list:
 
 def fsdp1_flattened(t: Tensor) -> bool:
     """Whether FSDP1 made ``t`` (a FlatParameter) or flattened it into one (an original
-    param under ``use_orig_params=True``)."""
+    param under ``use_orig_params=True``). Imported when first asked: importing FSDP costs
+    ~0.6 s, which ``import tiedadam`` should not pay."""
     try:
         from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
     except ImportError:  # pragma: no cover - the attribute it reads

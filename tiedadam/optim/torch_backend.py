@@ -65,8 +65,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if clip is not None:
         if grad_scale is not None:  # unscaled in place, as the fused op would (not if skipped)
             divisor = torch.where(found_inf != 0, torch.ones_like(grad_scale), grad_scale)
-            for g in grads:
-                g.div_(divisor)
+            _compat.foreach_div_(list(grads), divisor)
             grad_scale = None
     kw = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=weight_decay, eps=eps,
               amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=found_inf)

@@ -119,8 +119,10 @@ def test_compiled_cpu_step_clips_as_the_kernel(mode, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_master_weights_and_bf16_params_clip_in_fp32(backend):
-    """bf16 params with fp32 master weights: the kernel clips the upcast grad in fp32 (no bf16
-    rounding of the clipped grad), so it tracks the fp32 reference on the fp32 clipped grad."""
+    """bf16 params with fp32 master weights: the norm is clip_grad_norm_'s on the bf16 grads
+    (each tensor's norm rounded to bf16, bit for bit), and the kernel clips the upcast grad in
+    fp32 (no bf16 rounding of the clipped grad), so it tracks the fp64 reference fed the grads
+    times that coefficient."""
     ps = fresh(torch.bfloat16)
     ref = [torch.nn.Parameter(p.detach().double()) for p in ps]
     opt = TiedAdamW(ps, backend=backend, master_weights=True, max_grad_norm=0.5, **HYPER)
@@ -129,8 +131,13 @@ def test_master_weights_and_bf16_params_clip_in_fp32(backend):
         for p, r in zip(ps, ref):
             p.grad = torch.randn_like(p)
             r.grad = p.grad.double()
-        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        assert norm.dtype == torch.bfloat16
+        coef = (0.5 / (norm + 1e-6)).clamp(max=1.0)
+        for r in ref:
+            r.grad.mul_(coef.double())
         opt.step()
+        assert torch.equal(opt.last_grad_norm, norm)
         ropt.step()
     for p, r in zip(ps, ref):
         assert_close(opt.state[p]["master_param"], r.float(), torch.float32)
@@ -288,8 +295,20 @@ def test_max_grad_norm_edits_and_copies(backend):
     assert other.max_grad_norm == 2.0
 
 
-def test_no_grads_no_norm():
+def test_no_grads_norm_is_zero_as_torch_returns_it():
+    """A step without grads: the norm is 0 (what clip_grad_norm_ returns for no grads), also
+    after a clipped step, whose norm it replaces (reliability v3, row 10)."""
     ps = fresh()
-    opt = TiedAdamW(ps, max_grad_norm=1.0)
+    opt = TiedAdamW(ps, max_grad_norm=1.0, telemetry=True)
     opt.step()
-    assert opt.last_grad_norm is None and not opt.state
+    assert float(opt.last_grad_norm) == 0.0 and not opt.state
+    for p in ps:
+        p.grad = torch.randn_like(p) * 10
+    opt.step()
+    assert float(opt.last_grad_norm) > 1.0
+    opt.zero_grad()
+    opt.step()
+    assert torch.equal(opt.last_grad_norm, torch.nn.utils.clip_grad_norm_([], 1.0))
+    clip = opt.telemetry()["(clip)"]
+    assert float(clip["grad_norm"]) == 0.0 and float(clip["clip_coef"]) == 1.0
+    assert float(clip["skipped"]) == 0.0

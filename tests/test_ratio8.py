@@ -89,8 +89,10 @@ def test_max_beta_follows_the_code():
 
 # ---------------------------------------------------------------- training
 
-def f64_reference(ps, grads_seq, betas, lr, eps, weight_decay):
-    """Tied AdamW in float64 (torch.optim.AdamW's formula): params, m, v after each step."""
+def f64_reference(ps, grads_seq, betas, lr, eps, weight_decay, bound=False):
+    """Tied AdamW in float64 (torch.optim.AdamW's formula): params, m, v after each step.
+    ``bound``: m clamped to sqrt(c v) after each step, c = 1 - beta**t with the step's beta
+    (ratio8's stored state, Note [ratio8 update bound])."""
     p = [x.detach().double().clone() for x in ps]
     m = [torch.zeros_like(x) for x in p]
     v = [torch.zeros_like(x) for x in p]
@@ -103,6 +105,9 @@ def f64_reference(ps, grads_seq, betas, lr, eps, weight_decay):
             p[i].mul_(1 - lr * weight_decay)
             m[i].mul_(b).add_(g, alpha=1 - b)
             v[i].mul_(b).addcmul_(g, g, value=1 - b)
+            if bound:
+                lim = ((1 - b ** t) * v[i]).sqrt()
+                m[i] = torch.minimum(torch.maximum(m[i], -lim), lim)
         out.append(([x.clone() for x in p], [x.clone() for x in m], [x.clone() for x in v]))
     return out
 
@@ -115,7 +120,10 @@ def test_moments_track_fp64_reference_and_bound_holds(backend, sr):
     within what rounding can add (worst case, no statistics): bf16 v gains at most one
     rounding (relative d = 2**-8 nearest, 2**-7 stochastic) per step; the decoded m at most
     half a code (nearest) or one code (stochastic) of sqrt(v) per step, decaying with beta,
-    plus a clamp where v rounded below m**2 (relative d of m)."""
+    plus a clamp where v rounded below m**2 (relative d of m). The reference clamps m to
+    sqrt(c v) as ratio8 does (Note [ratio8 update bound]): after the edit to beta 0.99 the
+    bound, c = 1 - 0.99**t, is below the history's weights, and m moves to it; codes clamp to a
+    whole code below the bound (one more code of sqrt(v) per step)."""
     ps = fresh()
     opt = TiedAdamW(ps, beta=0.9, state_dtype="ratio8", stochastic_rounding=sr, backend=backend,
                     **HYPER)
@@ -133,9 +141,9 @@ def test_moments_track_fp64_reference_and_bound_holds(backend, sr):
             g = torch.randn(n) * 1e-3
         grads_seq.append([g, torch.randn(7), torch.randn(1)])
         betas.append(0.9 if t < 6 else (0.5 if t < 9 else 0.99))  # beta edits (<= max_beta)
-    ref = f64_reference(ps, grads_seq, betas, **HYPER)
+    ref = f64_reference(ps, grads_seq, betas, **HYPER, bound=True)
     d = 2.0 ** -7 if sr else 2.0 ** -8
-    code = (1.0 if sr else 0.5) / ratio8.LEVELS
+    code = (2.0 if sr else 1.5) / ratio8.LEVELS
     m_err = [torch.zeros(p.numel(), dtype=torch.float64) for p in ps]
     v_rel = 0.0
     for t, (grads, b) in enumerate(zip(grads_seq, betas)):
@@ -391,7 +399,10 @@ def test_loading_converts_between_ratio8_and_other_state_dtypes():
     assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.bfloat16
     m32, v32 = sd["state"][0]["exp_avg"], sd["state"][0]["exp_avg_sq"]
     assert torch.equal(st["exp_avg_sq"], v32.to(torch.bfloat16))
-    assert torch.equal(st["exp_avg"], ratio8.encode(m32, st["exp_avg_sq"]))
+    # nearest codes within the bound of beta 0.95 at the saved step (Note [ratio8 update bound])
+    bound = ratio8.code_bound(0.95, float(sd["state"][0]["step"]))
+    assert bound < ratio8.LEVELS
+    assert torch.equal(st["exp_avg"], ratio8.encode(m32, st["exp_avg_sq"], bound=bound))
     back = TiedAdamW(clone(ps), beta=0.95, state_dtype=torch.bfloat16, backend="torch", **HYPER)
     sd8 = r8.state_dict()
     del sd8["param_groups"][0]["state_dtype"]
@@ -412,7 +423,8 @@ def test_option_edit_to_and_from_ratio8_converts_at_the_next_step(backend):
     sd = opt.state_dict()  # settles the edit: converted as a load would
     vb = v32.to(torch.bfloat16)
     assert torch.equal(sd["state"][0]["exp_avg_sq"], vb)
-    assert torch.equal(sd["state"][0]["exp_avg"], ratio8.encode(m32, vb))
+    bound = ratio8.code_bound(0.95, 2.0)
+    assert torch.equal(sd["state"][0]["exp_avg"], ratio8.encode(m32, vb, bound=bound))
     train(opt, ps, [[torch.randn_like(p) for p in ps]])
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.int8
     opt.param_groups[0]["state_dtype"] = "float32"

@@ -46,9 +46,10 @@ foreach_div_ = torch._foreach_div_
 _foreach_norm = getattr(torch, "_foreach_norm", None)
 
 
-def foreach_norm(tensors: list, dtype: torch.dtype) -> list:
-    """The 2-norm of each tensor, accumulated and returned in ``dtype`` (one multi-tensor
-    launch per device and dtype where torch has ``_foreach_norm``)."""
+def foreach_norm(tensors: list, dtype: torch.dtype | None = None) -> list:
+    """The 2-norm of each tensor, returned in ``dtype`` (None: each tensor's own dtype, as
+    ``clip_grad_norm_`` takes them) (one multi-tensor launch per device and dtype where torch
+    has ``_foreach_norm``)."""
     if _foreach_norm is not None:
         return list(_foreach_norm(tensors, 2, dtype=dtype))
     return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]

@@ -29,7 +29,8 @@ and by the norm of one rank's partition. So it is refused: DeepSpeed itself refu
 entry's ``"params"`` (pointing to ``"gradient_clipping"``); for an instance or a callable,
 ``DeepSpeedEngine._check_for_duplicates``, which every way of passing an optimizer goes
 through before ZeRO wraps it, is wrapped on import to raise with the fix (DeepSpeed 0.19.8;
-where the method is missing nothing is wrapped).
+where the method is missing nothing is wrapped). The wrapper also marks the optimizer as the
+engine's, and setting ``max_grad_norm`` on it afterwards raises the same error.
 
 Passing an instance (``deepspeed.initialize(optimizer=TiedAdamW(...))``) or a callable also
 works; with ``offload_optimizer`` DeepSpeed then insists on its own CPU Adam unless the config
@@ -45,6 +46,7 @@ from typing import Callable
 import torch
 
 from ..optim import TiedAdamW
+from ..optim.clipping import deepspeed_refusal
 
 _ZERO_UTILS = "deepspeed.runtime.zero.utils"
 _ENGINE = "deepspeed.runtime.engine"
@@ -67,12 +69,9 @@ def refuse_clipping_in_engine(engine_module) -> None:
     def _check_for_duplicates(self, basic_optimizer, *args, **kwargs):
         clip = getattr(basic_optimizer, "max_grad_norm", None)
         if isinstance(basic_optimizer, TiedAdamW) and clip is not None:
-            raise ValueError(
-                f"TiedAdamW(max_grad_norm={clip}) inside a DeepSpeed engine: DeepSpeed clips "
-                f"the grads itself, over all ranks' partitions, with the config's "
-                f"\"gradient_clipping\"; the optimizer would clip again by the norm of one "
-                f"partition. Remove max_grad_norm from the optimizer and set "
-                f"\"gradient_clipping\": {clip} in the DeepSpeed config")
+            raise ValueError(deepspeed_refusal(clip))
+        if isinstance(basic_optimizer, TiedAdamW):
+            basic_optimizer._in_deepspeed_engine = True  # a later max_grad_norm is refused too
         return check(self, basic_optimizer, *args, **kwargs)
 
     _check_for_duplicates._tiedadam = True

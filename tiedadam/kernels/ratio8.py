@@ -25,7 +25,26 @@ square root per element to decode.
 * Encoding is against the *stored* v (after its own rounding), and r is clamped to [-1, 1], so
   a decoded |m| = |r| sqrt(v) never exceeds sqrt(v): the bound holds for the stored state, not
   only in exact arithmetic, and the next step's m^2 <= v follows.
-* Where v = 0 (no grad yet, or only zero grads), m = 0: r = 0.
+* Note [ratio8 update bound]. The update's bound needs more: with c = 1 - beta^t, m^2 <= c v
+  (m and v are sums of the same weights, which add up to c: Cauchy-Schwarz), and that is what
+  makes |u| = |m| / (sqrt(c) sqrt(v) + c eps) <= 1. It carries from step to step as m^2 <= v
+  does: if the stored state has m^2 <= c v, then (beta m + (1-beta) g)^2 <= c' (beta v +
+  (1-beta) g^2) = c' v' with c' = beta c + 1 - beta (convexity with weights beta c and 1 - beta,
+  which add up to c'). Rounding r to 8 bits can break it where |r| sits at sqrt(c) (steady
+  grads: r = sqrt(c) exactly), most at early steps and large beta (beta 0.99, t = 1: sqrt(c) =
+  0.1, a step of 1/127 is 8 % of it). So codes are clamped to the whole number
+  ``code_bound(beta, t)`` = floor(127 sqrt(c)) (for the "sqrt" code, floor(127 c^(1/4))), which
+  rounding, nearest or stochastic, cannot cross (floor(B + u) = B for an integer B): the
+  decoded state keeps m^2 <= c v, and every applied update |u| <= 1 up to fp32 rounding (the
+  tested bound, 1 + 2**-20). It moves a code only where rounding would have crossed the
+  bound, down by less than one step; conversions (checkpoint loads, option edits) clamp with
+  the saved step count. (With a beta edit, c = 1 - beta^t with the new beta is not the weight
+  sum of the old history; the clamp then makes the stored state satisfy the new c, so the
+  bound holds from the edit on, which fp32 moments do not promise.)
+* Where v = 0 (no grad yet, or only zero grads), m = 0: r = 0. Where v overflows (a finite
+  grad whose square exceeds fp32's range: v = inf, as fp32 moments hold it too), m is encoded
+  as r = 0 and sqrt(v) decodes clamped to fp32's largest value, so m = 0 (not 0 * inf = NaN);
+  the update is m / inf = 0, as torch's AdamW gives with fp32 moments, and params stay finite.
 * beta bound: an EMA step moves r by (1 - beta)(g / sqrt(v) - r), about (1 - beta) in size;
   rounding is unbiased, but a step below the code's step drowns in its noise. So beta <=
   1 - 1/127 (linear; 1 - 2/127 for "sqrt", whose coarsest step is 2/127), refused above
@@ -33,6 +52,8 @@ square root per element to decode.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -54,8 +75,9 @@ def max_beta(code: str | None = None) -> float:
 
 
 # Note [ratio8 arithmetic]: every backend decodes and encodes with these operations, in this
-# order, in fp32: decode m = (q * INV_LEVELS) * sqrt(v); encode x = (m * rsqrt(max(v, TINY)))
-# * LEVELS, clamped to [-LEVELS, LEVELS] with NaN going to -LEVELS (maxNum/minNum, what a GPU's
+# order, in fp32: decode m = (q * INV_LEVELS) * min(sqrt(v), FP32_MAX) (NaN stays NaN); encode
+# x = (m * rsqrt(max(v, TINY))) * LEVELS, clamped to [-B, B] (B = code_bound(beta, t), Note
+# [ratio8 update bound]; LEVELS where no step count applies) with NaN going to -B (maxNum/minNum, what a GPU's
 # min/max instructions do: a NaN v decodes to NaN whatever the code), then rounded half to
 # even, or floor(x + u) with u = 16 random bits * 2**-16 (unbiased: E[floor(x + u)] = x).
 # TINY (the smallest normal fp32) keeps v = 0 (no grad yet, zero grads, where m = 0 too) at
@@ -67,7 +89,17 @@ def max_beta(code: str | None = None) -> float:
 # ulp), so its codes may differ from the CPU's by one at a rounding boundary.
 INV_LEVELS = float(torch.tensor(1.0 / LEVELS, dtype=torch.float32))
 TINY = float(torch.finfo(torch.float32).tiny)
+FP32_MAX = float(torch.finfo(torch.float32).max)
 NOISE_SCALE = 2.0 ** -16  # 16 random bits -> u in [0, 1)
+
+
+def code_bound(beta: float, t: float, code: str | None = None) -> float:
+    """The largest |code| the state after step t may hold (Note [ratio8 update bound]): floor(
+    127 sqrt(c)), c = 1 - beta**t computed as the kernel computes it (fp64, exp(t log beta));
+    floor(127 c**(1/4)) for the "sqrt" code. t = 0 (no step yet) gives 0."""
+    c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+    r = math.sqrt(c) if (code or CODE) == "linear" else math.sqrt(math.sqrt(c))
+    return float(min(LEVELS, math.floor(LEVELS * r)))
 
 
 def decode_ratio(q: Tensor, code: str | None = None) -> Tensor:
@@ -77,18 +109,19 @@ def decode_ratio(q: Tensor, code: str | None = None) -> Tensor:
 
 
 def decode(q: Tensor, v: Tensor, code: str | None = None) -> Tensor:
-    """exp_avg (fp32) from its codes and the stored exp_avg_sq."""
-    return decode_ratio(q, code) * v.float().sqrt()
+    """exp_avg (fp32) from its codes and the stored exp_avg_sq (an inf exp_avg_sq decodes as
+    fp32's largest value, so code 0 stays 0: Note [ratio8])."""
+    return decode_ratio(q, code) * v.float().sqrt().clamp(max=FP32_MAX)
 
 
 def encode(m: Tensor, v: Tensor, noise: Tensor | None = None,
-           code: str | None = None) -> Tensor:
+           code: str | None = None, bound: float | Tensor = LEVELS) -> Tensor:
     """int8 codes of m against the stored v (Note [ratio8 arithmetic]): to the nearest code, or
     stochastically with 16 random bits per element ``noise`` (int32 in [0, 2**16)), unbiased
-    in r."""
+    in r; |code| <= ``bound`` (``code_bound``: a whole number, a float or a 0-dim tensor)."""
     r = m.float() * torch.rsqrt(v.float().clamp_min(TINY))
     if (code or CODE) == "linear":
-        x = _clamp(r * LEVELS, LEVELS)
+        x = _clamp(r * LEVELS, bound)
         q = torch.round(x) if noise is None else torch.floor(x + noise.float() * NOISE_SCALE)
         return q.to(torch.int8)
     # companded: nearest, or stochastic and unbiased, in r between the codes around it
@@ -100,11 +133,14 @@ def encode(m: Tensor, v: Tensor, noise: Tensor | None = None,
     else:
         p = (r - rl) / (rh - rl)
         q = lo + (noise.float() * NOISE_SCALE < p).float()
-    return q.clamp(-LEVELS, LEVELS).to(torch.int8)
+    return _clamp(q, bound).to(torch.int8)
 
 
-def _clamp(x: Tensor, bound: float) -> Tensor:
+def _clamp(x: Tensor, bound: float | Tensor) -> Tensor:
     """x clamped to [-bound, bound], NaN to -bound (Note [ratio8 arithmetic])."""
+    if isinstance(bound, Tensor):
+        b = bound.to(x.dtype)
+        return torch.where(x != x, -b, torch.minimum(torch.maximum(x, -b), b))
     return torch.where(x != x, -bound, x).clamp(-bound, bound)
 
 

@@ -199,12 +199,13 @@ def _round_to_bf16(x, r16, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _ratio8_encode(m, v, r16, STOCHASTIC: tl.constexpr):
+def _ratio8_encode(m, v, r16, bound, STOCHASTIC: tl.constexpr):
     """int8 code of m against the stored v (Note [ratio8 arithmetic] in ratio8.py): x =
-    m rsqrt(max(v, TINY)) * 127 clamped to [-127, 127], then floor(x + u) with u = 16 random
-    bits * 2**-16 (unbiased), or rounded half to even."""
+    m rsqrt(max(v, TINY)) * 127 clamped to [-B, B] (B = ``bound``, a whole number <= 127: Note
+    [ratio8 update bound]), then floor(x + u) with u = 16 random bits * 2**-16 (unbiased), or
+    rounded half to even; neither crosses B."""
     x = (m * tl.rsqrt(tl.maximum(v, _TINY))) * _LEVELS
-    x = tl.clamp(x, -_LEVELS, _LEVELS)  # NaN -> -LEVELS (maxNum/minNum, as torch.fmax/fmin)
+    x = tl.clamp(x, -bound, bound)  # NaN -> -B (maxNum/minNum, as torch.fmax/fmin)
     if STOCHASTIC:
         # u * 2**-16 is exact, so the fused form rounds as x + u * 2**-16 does
         return tl.floor(tl.fma(r16.to(tl.float32), _NOISE_SCALE, x)).to(tl.int8)
@@ -315,7 +316,7 @@ def _div(x, y, COMPUTE: tl.constexpr):
 @triton.jit
 def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
                       decay, one_minus_beta, beta, lerp_coef, step_size, bc_sqrt, eps,
-                      inv_scale, clip_coef, key, t_u32, thr_bc,
+                      inv_scale, clip_coef, key, t_u32, thr_bc, code_bound,
                       PARAM: tl.constexpr, STATE: tl.constexpr, HAS_MASTER: tl.constexpr,
                       HAS_SCALE: tl.constexpr, CLIP: tl.constexpr, STATE_SR: tl.constexpr,
                       PARAM_SR: tl.constexpr, TELEMETRY: tl.constexpr, MASKED: tl.constexpr,
@@ -346,7 +347,9 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
         p = tl.load(p_ptrs, mask=mask).to(COMPUTE)
     v = tl.load(v_ptrs, mask=mask).to(COMPUTE)
     if STATE == tl.int8:  # ratio8: m = r sqrt(v) (Note [ratio8 kernel])
-        m = (tl.load(m_ptrs, mask=mask).to(tl.float32) * _INV_LEVELS) * tl.sqrt(v)
+        # sqrt(inf) decodes as FP32_MAX: code 0 stays m = 0 where v overflowed (Note [ratio8])
+        m = (tl.load(m_ptrs, mask=mask).to(tl.float32) * _INV_LEVELS) * tl.minimum(
+            tl.sqrt(v), _FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
     else:
         m = tl.load(m_ptrs, mask=mask).to(COMPUTE)
 
@@ -406,10 +409,10 @@ def _tied_adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, w_ptrs, mask, base,
     elif STATE == tl.int8:
         if STATE_SR:
             vb = _round_to_bf16(v, ra >> 16, True)
-            q = _ratio8_encode(m, vb.to(tl.float32), ra & 0xFFFF, True)
+            q = _ratio8_encode(m, vb.to(tl.float32), ra & 0xFFFF, code_bound, True)
         else:
             vb = _rne_bf16(v)
-            q = _ratio8_encode(m, vb.to(tl.float32), 0, False)
+            q = _ratio8_encode(m, vb.to(tl.float32), 0, code_bound, False)
         tl.store(v_ptrs, vb, mask=mask)
         tl.store(m_ptrs, q, mask=mask)
     elif STATE_SR:
@@ -572,6 +575,9 @@ def _tied_adamw_kernel(
     eps_c = eps.to(COMPUTE)
     inv_c = 1.0 / c
     thr_bc = (snr_threshold * tl.sqrt(c)).to(COMPUTE)
+    # ratio8's code bound floor(127 sqrt(c)) (Note [ratio8 update bound]; truncation is the
+    # floor of this value in [0, 127])
+    code_bound = (tl.sqrt(c) * _LEVELS).to(tl.int32).to(tl.float32)
 
     # Whole blocks of an aligned tensor: unmasked, hinted 16-byte-aligned vector access.
     # Pointers move to the chunk's start once: in the loops, offsets are int32 (< CHUNK) and
@@ -591,7 +597,7 @@ def _tied_adamw_kernel(
             tl.multiple_of(m_c + o, _ALIGN), tl.multiple_of(v_c + o, _ALIGN),
             tl.multiple_of(w_c + o, _ALIGN), None, base,
             decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
-            clip_coef, key, t_u32, thr_bc,
+            clip_coef, key, t_u32, thr_bc, code_bound,
             PARAM, STATE, HAS_MASTER, HAS_SCALE, CLIP, STATE_SR, PARAM_SR, TELEMETRY, False,
             BLOCK)
         gsq += a
@@ -608,7 +614,7 @@ def _tied_adamw_kernel(
         a, b, mx, nf, hi = _tied_adamw_block(
             p_c + o, g_c + o, m_c + o, v_c + o, w_c + o, o < rem32, base,
             decay, one_minus_beta, beta_c, lerp_coef, step_size, bc_sqrt, eps_c, inv_scale,
-            clip_coef, key, t_u32, thr_bc,
+            clip_coef, key, t_u32, thr_bc, code_bound,
             PARAM, STATE, HAS_MASTER, HAS_SCALE, CLIP, STATE_SR, PARAM_SR, TELEMETRY, True,
             BLOCK)
         gsq += a

@@ -158,11 +158,11 @@ def random_bits(n: int, keys: Tensor, stream: int = 0, wide: bool = False) -> Te
 def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                     s: Tensor, keys: Tensor, has_master: bool, has_scale: bool,
                     state_sr: bool, param_sr: bool, wide: bool = False) -> None:
-    """One step of one flat CPU tensor, in place. ``s`` fp32 [10] = ``scalars(...)``; ``keys``
+    """One step of one flat CPU tensor, in place. ``s`` fp32 [11] = ``scalars(...)``; ``keys``
     int32 [2] (Note [cpu rng]); ``w`` the fp32 master (``has_master``); ``wide`` for tensors
     of 2**31 elements or more (Note [cpu index])."""
-    decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale, inv_bc_sqrt, clip = (
-        s[i] for i in range(10))
+    decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale, inv_bc_sqrt, clip, bound = (
+        s[i] for i in range(11))
     gf = g.float()
     if has_scale:
         gf = gf * inv_scale
@@ -187,7 +187,7 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
     elif m.dtype == torch.int8:  # ratio8: m encoded against the stored v (Note [ratio8])
         vs = rounded_bf16_value(vf, _shr(r, 16) if state_sr else None)
         vn = vs.to(torch.bfloat16)  # exact
-        mn = ratio8.encode(mf, vs, r & _MASK16 if state_sr else None)
+        mn = ratio8.encode(mf, vs, r & _MASK16 if state_sr else None, bound=bound)
     else:
         mn, vn = mf, vf
     if param_sr:
@@ -210,16 +210,18 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
 
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
             inv_scale: float = 1.0, clip: float = 1.0) -> Tensor:
-    """fp32 [10]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
+    """fp32 [11]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
     computes them (c = 1 - exp(t log beta)), then rounded to fp32: 1 - lr wd, 1 - beta, beta,
-    the lerp coefficient, lr / c, sqrt(c), eps, 1 / grad scale, 1 / sqrt(c) (ratio8), and the
-    clip coefficient (Note [clipping] in tied_adamw.py)."""
+    the lerp coefficient, lr / c, sqrt(c), eps, 1 / grad scale, 1 / sqrt(c) (ratio8), the
+    clip coefficient (Note [clipping] in tied_adamw.py) and ratio8's code bound (Note [ratio8
+    update bound] in ratio8.py)."""
     c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
     omb = 1.0 - beta
     beta32 = float(torch.tensor(beta, dtype=torch.float32))
     coef = omb if float(torch.tensor(omb, dtype=torch.float32)) < 0.5 else -beta32
     return torch.tensor([1.0 - lr * weight_decay, omb, beta, coef, lr / c, math.sqrt(c), eps,
-                         inv_scale, 1.0 / math.sqrt(c), clip], dtype=torch.float32)
+                         inv_scale, 1.0 / math.sqrt(c), clip, ratio8.code_bound(beta, t)],
+                        dtype=torch.float32)
 
 
 compile_seconds: dict[tuple, float] = {}  # mode flags -> seconds its first call took

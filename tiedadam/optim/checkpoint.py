@@ -66,6 +66,17 @@ def check_codes_match(k, m: Any, named) -> None:
 def merge_group(g: dict, current: dict, i: int) -> dict:
     """A saved group with the keys it lacks taken from the current one, checked."""
     where = f"state_dict['param_groups'][{i}]: "
+    if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0) != 0:
+        # torch.optim.Adam (decoupled_weight_decay=False, torch >= 2.7) adds weight_decay * p
+        # to the grad (L2), so its moments hold that term: continuing as AdamW would train
+        # differently from the checkpoint's optimizer. (torch's AdamW saves True; an Adam
+        # checkpoint of an older torch has no key and cannot be told from AdamW's.)
+        raise ValueError(f"{where}a torch.optim.Adam checkpoint with L2 weight decay "
+                         f"(decoupled_weight_decay=False, weight_decay={g['weight_decay']}): "
+                         f"TiedAdamW decays weights decoupled (AdamW), so it would continue "
+                         f"with another update than the checkpoint's optimizer; continue with "
+                         f"torch.optim.Adam, or load a checkpoint saved without weight decay "
+                         f"(or by AdamW)")
     # A saved group may lack keys: torch.optim.AdamW has no state_dtype or seed, and torch's
     # FSDP1 optimizer-state conversion drops all keys of a group that is empty on this rank.
     # Keep the current values then (torch's AdamW would fail with KeyError: 'lr' at its next
@@ -98,7 +109,8 @@ def restore(state, own: dict, params_of: dict, groups: list) -> None:
         if "exp_avg" in tensors and "exp_avg_sq" in tensors:  # converted as a pair (ratio8)
             st["exp_avg"], st["exp_avg_sq"] = V.convert_moments(
                 p, tensors["exp_avg"], tensors["exp_avg_sq"],
-                R.state_dtypes_for(local_tensor(p).dtype, group))
+                R.state_dtypes_for(local_tensor(p).dtype, group), group["beta"],
+                tensors.get("step"))
         for n, v in tensors.items():
             if n in ("exp_avg", "exp_avg_sq") and n in st:
                 continue

@@ -321,11 +321,12 @@ class GroupRules:
     def added(self, group: dict) -> None:
         """A group that was just validated (constructed, added, loaded)."""
         self.beta_seen[id(group)] = group["beta"]
-        self.note_options(group)
+        self.options_seen[id(group)] = (group, tuple(map(group.get, STATE_OPTIONS)))
 
     def check(self, groups: list) -> bool:
         """Validate every group (errors name the group); True when an option was edited since
-        the last check (then cached plans must go). lr is checked at every step."""
+        the last check, or an edit is still pending (a step refused after the edit was seen
+        must not lose it): then cached plans must go. lr is checked at every step."""
         memo, edited = self.memo, False
         for gi, group in enumerate(groups):
             lr = group["lr"]
@@ -342,7 +343,7 @@ class GroupRules:
             edited |= self.note_options(group)
             vals = tuple(map(group.get, CHECKED_KEYS))
             memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
-        return edited
+        return edited or bool(self.edited)
 
     def check_options(self, groups: list) -> bool:
         """Only the options (before a state_dict(): a pending edit is applied to the state
@@ -358,11 +359,13 @@ class GroupRules:
 
     def note_options(self, group: dict) -> bool:
         """Record the group's options; True (and the group marked edited) when they differ
-        from those recorded before."""
+        from those recorded before, or when the group is a dict never added (a group replaced
+        in ``param_groups`` by an edited copy: its params' state was made under another dict's
+        options, so it is converted as after an edit)."""
         opts = tuple(map(group.get, STATE_OPTIONS))
         seen = self.options_seen.get(id(group))
         self.options_seen[id(group)] = (group, opts)
-        if seen is not None and seen[0] is group and seen[1] != opts:
+        if seen is None or seen[0] is not group or seen[1] != opts:
             self.edited[id(group)] = group
             return True
         return False

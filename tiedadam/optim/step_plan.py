@@ -142,16 +142,20 @@ def pending(groups: list) -> list:
     return out
 
 
-def verify_step(groups: list, state, rules, pending: list, backends) -> list:
+def verify_step(groups: list, state, rules, pending: list, backends,
+                every_group: bool = False) -> list:
     """Every pending parameter verified in full (Note [what the kernel may trust] in
     verify.py): its Entry. Raises before anything changes: state to create (params without
     state) or to convert (option edits, a checkpoint without master weights) is staged,
     verified with the rest and committed once every parameter checked out. After an option
     edit every param of the group with state is converted (as a load would), those without a
-    grad too; ZeRO-3 sub-groups, not in the group at this call, convert at their own step."""
+    grad too; ZeRO-3 sub-groups, not in the group at this call, convert at their own step.
+    ``every_group``: every group's state converted to its group's options, edited or not
+    (before a ``state_dict()``: a param moved into a group of other options by
+    ``add_param_group`` is saved as the next step will hold it)."""
     staged = {}  # id(param) -> (param, the state dict the step uses in place of its own)
     for gi, group in enumerate(groups):
-        if rules.is_edited(group):
+        if every_group or rules.is_edited(group):
             for i, p in enumerate(group["params"]):
                 st = state.get(p)
                 if st:

@@ -28,8 +28,10 @@ CLIP_ENTRY = "(clip)"  # telemetry()'s entry for max_grad_norm's global norm (no
 def torch_rows(out: Tensor, grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *, beta: float,
                eps: float, snr_threshold: float, grad_scale: Tensor | None = None) -> None:
-    """The same five quantities as the kernel, with torch ops from post-step state (the CPU
-    path: torch's fused op exposes no hook to compute them in its pass)."""
+    """The same five quantities as the kernel, with torch ops, after the step, from the
+    moments its update read (fp32, before the state's rounding: ``torch_tied_adamw``'s
+    ``moments``), as the kernel reduces them from registers (torch's fused op exposes no hook
+    to compute them in its pass)."""
     for i, (g, m, v, t) in enumerate(zip(grads, exp_avgs, exp_avg_sqs, steps)):
         g = g.float() if grad_scale is None else g.float() / grad_scale.to(g.device)
         m = ratio8.decode(m, v) if m.dtype == torch.int8 else m.float()

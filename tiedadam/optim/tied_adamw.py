@@ -184,7 +184,10 @@ class TiedAdamW(Optimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
-        self._max_grad_norm = clipping.check_max_grad_norm(value)
+        value = clipping.check_max_grad_norm(value)
+        if value is not None and getattr(self, "_in_deepspeed_engine", False):
+            raise ValueError(clipping.deepspeed_refusal(value))
+        self._max_grad_norm = value
 
     def _settle(self) -> None:
         """What is saved is what the next step would use: beta/betas edits resolved, option
@@ -193,11 +196,11 @@ class TiedAdamW(Optimizer):
             self._rules.sync_beta(group, f"param_groups[{gi}]: ")
         if self._rules.check_options(self.param_groups):
             self._invalidate()
-        if self._rules.edited:
-            self._commit_option_edits()
+        self._commit_option_edits(every_group=True)
 
-    def _commit_option_edits(self) -> None:
-        verify_step(self.param_groups, self.state, self._rules, [], self._backends)
+    def _commit_option_edits(self, every_group: bool = False) -> None:
+        verify_step(self.param_groups, self.state, self._rules, [], self._backends,
+                    every_group)
 
     def state_dict(self) -> dict:
         self._settle()
@@ -360,6 +363,11 @@ class TiedAdamW(Optimizer):
             if not sel:
                 if self._rules.edited:  # no grads, but an option edit for the state
                     self._commit_option_edits()
+                if self._max_grad_norm is not None:  # the norm of no grads: 0, as torch's
+                    # (with norm_process_group this rank joins the others' reduction)
+                    norm = clipping.no_grad_norm(params, self._norm_group)
+                    self.last_grad_norm = norm
+                    self._clip = clipping.coefficients(norm, self._max_grad_norm)
                 return
             params = [params[j] for j in sel]
             grads = [grads[j] for j in sel]

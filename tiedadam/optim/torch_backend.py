@@ -50,7 +50,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                      keys: Sequence[int] | None = None, state_sr: bool = False,
                      param_sr: bool = False, clip: Tensor | None = None,
-                     clip_buffer=None) -> None:
+                     clip_buffer=None, moments: dict | None = None) -> None:
     """One step for one param group. ``state_steps`` must already hold t. ``keys`` (one per
     tensor: mix(stream key, t), Note [torch rng]) are needed when rounding stochastically. With
     ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
@@ -59,19 +59,33 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     not clipped in place; ``found_inf`` then already holds the non-finite-norm flag too. Where
     torch's fused op needs the clipped grad as a tensor, it is written into ``clip_buffer(i)``
     (kept by the caller across steps: a fresh CPU tensor of a grad's size costs its page
-    faults every step, several times the multiply itself), or a new tensor without one."""
+    faults every step, several times the multiply itself), or a new tensor without one.
+    ``moments``: a dict that receives {i: (m, v)}, the fp32 moments the update of tensor i
+    read, before the state's rounding (telemetry describes the update applied); those with
+    bf16 or ratio8 moments then step through torch ops on fp32 copies, where the moments exist
+    unrounded."""
     if not params:
         return
-    if clip is not None:
-        if grad_scale is not None:  # unscaled in place, as the fused op would (not if skipped)
-            divisor = torch.where(found_inf != 0, torch.ones_like(grad_scale), grad_scale)
-            _compat.foreach_div_(list(grads), divisor)
-            grad_scale = None
-    kw = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=weight_decay, eps=eps,
-              amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=found_inf)
+    exact = (torch.float32, torch.float64)  # moments stored as the update reads them
     plain = [i for i, p in enumerate(params)
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
-             and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)]
+             and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)
+             and (moments is None or p.dtype in exact)]
+    divisor = None
+    if clip is not None and grad_scale is not None:
+        # Clipping multiplies the unscaled grads: unscale first. The fused op's own grads in
+        # place, in their dtype (fp32/fp64, or bf16 with bf16 moments: as the fused op would);
+        # the others in fp32 below, never in place in fp16/bf16, where small unscaled grads
+        # would underflow. A skipped step divides by 1.
+        divisor = torch.where(found_inf != 0, torch.ones_like(grad_scale), grad_scale)
+        if plain:
+            _compat.foreach_div_([grads[i] for i in plain], divisor)
+    kw = dict(lr=lr, beta1=beta, beta2=beta, weight_decay=weight_decay, eps=eps,
+              amsgrad=False, maximize=False, grad_scale=None if divisor is not None else
+              grad_scale, found_inf=found_inf)
+    if moments is not None:
+        for i in plain:
+            moments[i] = (exp_avgs[i], exp_avg_sqs[i])
     if plain:
         gp = [grads[i] for i in plain]
         if clip is not None:  # the clipped grads the update reads; the user's stay as given
@@ -86,7 +100,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if params[other[0]].device.type == "cpu":
         if found_inf is not None and float(found_inf) != 0:
             return  # a skipped step changes nothing (a CPU tensor: no sync to read it)
-        other = [i for i in other if not _compiled_cpu_step(
+        other = [i for i in other if (moments is not None and exp_avgs[i].dtype not in exact)
+                 or not _compiled_cpu_step(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], state_steps[i],
             lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
             found_inf=found_inf, key=keys[i] if keys else 0, state_sr=state_sr,
@@ -99,16 +114,21 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
            else exp_avgs[i].float() for i in other]
     v32 = [exp_avg_sqs[i].float() for i in other]
     g32 = [grads[i].float() for i in other]
+    if divisor is not None:
+        _compat.foreach_div_(g32, divisor)  # in fp32 (an fp32 grad: in place, as given)
+    unscaled = g32
     if clip is not None:
         g32 = [g * clip for g in g32]
     _compat.fused_adamw_(work, g32, m32, v32, [], [state_steps[i] for i in other], **kw)
+    if moments is not None:
+        moments.update({i: (m32[j], v32[j]) for j, i in enumerate(other)})
     for j, i in enumerate(other):
         gen = None
         if state_sr or param_sr:  # one generator per tensor, consumed before the next
             gen = torch.Generator(device=params[i].device)
             gen.manual_seed(keys[i])
-        if grad_scale is not None and g32[j] is not grads[i]:
-            grads[i].copy_(g32[j])  # unscaled, as the fused op leaves fp32 grads
+        if grad_scale is not None and unscaled[j] is not grads[i]:
+            grads[i].copy_(unscaled[j])  # unscaled (not clipped), as the fused op leaves them
         if params[i].dtype == torch.bfloat16 and param_sr and masters[i] is None:
             stochastic_round_to_bf16_(params[i], work[j], gen)
         elif work[j] is not params[i]:
@@ -121,7 +141,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             else:
                 exp_avg_sqs[i].copy_(v32[j])
                 noise = None
-            exp_avgs[i].copy_(ratio8.encode(m32[j], exp_avg_sqs[i], noise))
+            bound = ratio8.code_bound(beta, float(state_steps[i]))  # Note [ratio8 update bound]
+            exp_avgs[i].copy_(ratio8.encode(m32[j], exp_avg_sqs[i], noise, bound=bound))
         elif exp_avgs[i].dtype != torch.float32:
             if state_sr and exp_avgs[i].dtype == torch.bfloat16:
                 stochastic_round_to_bf16_(exp_avgs[i], m32[j], gen)
@@ -198,6 +219,7 @@ class TorchBackend:
             keys = None
             if b.state_sr or b.param_sr:
                 keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
+            moments = None if b.telemetry is None else {}
             torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
                              [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
                              [b.masters[i] for i in idx], [b.steps[i] for i in idx],
@@ -205,7 +227,7 @@ class TorchBackend:
                              weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
                              keys=keys, state_sr=b.state_sr, param_sr=b.param_sr, clip=coef,
                              clip_buffer=None if coef is None else (
-                                 lambda k, idx=idx: b.clip_buffer(idx[k])))
+                                 lambda k, idx=idx: b.clip_buffer(idx[k])), moments=moments)
             if b.telemetry is not None:
                 from .telemetry import torch_rows
                 rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)
@@ -215,8 +237,11 @@ class TorchBackend:
                 still = None if scale is None else torch.where(inf != 0, scale, one)
                 if coef is not None:
                     still = torch.where(inf != 0, one if still is None else still, 1.0 / coef)
-                torch_rows(rows, [b.grads[i] for i in idx], [b.exp_avgs[i] for i in idx],
-                           [b.exp_avg_sqs[i] for i in idx], [b.steps[i] for i in idx],
+                # the moments the update read (a skipped step: the state, unchanged)
+                mv = [moments.get(k, (b.exp_avgs[i], b.exp_avg_sqs[i]))
+                      for k, i in enumerate(idx)]
+                torch_rows(rows, [b.grads[i] for i in idx], [m for m, _ in mv],
+                           [v for _, v in mv], [b.steps[i] for i in idx],
                            beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
                            grad_scale=still)
                 if inf is not None:  # nothing was updated: only the grad fields are meaningful

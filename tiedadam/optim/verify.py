@@ -396,17 +396,21 @@ def init_master(p: Tensor, st: dict, group: dict) -> None:
         st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
 
 
-def convert_moments(p: Tensor, m: Tensor, v: Tensor, target: tuple) -> tuple:
+def convert_moments(p: Tensor, m: Tensor, v: Tensor, target: tuple, beta: float,
+                    step) -> tuple:
     """(exp_avg, exp_avg_sq) in the ``target`` dtypes, laid out and sharded like ``p``, with
     the values a checkpoint load gives them: moments cast to nearest; ratio8 codes decoded
-    against their exp_avg_sq, or encoded (nearest code) against the new bf16 exp_avg_sq (Note
+    against their exp_avg_sq, or encoded (nearest code, within the code bound of ``beta`` at
+    the saved ``step`` count, Note [ratio8 update bound]) against the new bf16 exp_avg_sq (Note
     [ratio8] in kernels/ratio8.py)."""
     tm, tv = target
     if m.dtype == torch.int8:
         m = ratio8.decode(m, v)
     if tm == torch.int8:
         v = cast_state(p, v, torch.bfloat16)
-        return cast_state(p, ratio8.encode(cast_state(p, m, torch.float32), v), tm), v
+        bound = ratio8.LEVELS if step is None else ratio8.code_bound(beta, float(step))
+        return cast_state(p, ratio8.encode(cast_state(p, m, torch.float32), v,
+                                           bound=bound), tm), v
     return cast_state(p, m, tm), cast_state(p, v, tv)
 
 
@@ -425,7 +429,8 @@ def apply_options(p: Tensor, st: dict, group: dict) -> dict:
         if (isinstance(m, Tensor) and isinstance(v, Tensor)
                 and (m.dtype, v.dtype) != target and (m.dtype, v.dtype) in STATE_PAIRS):
             out = dict(out)
-            out["exp_avg"], out["exp_avg_sq"] = convert_moments(p, m, v, target)
+            out["exp_avg"], out["exp_avg_sq"] = convert_moments(p, m, v, target, group["beta"],
+                                                                st.get("step"))
     if local.dtype in LOW_PRECISION and MASTER_KEY in out and not wants_master(local.dtype,
                                                                                 group):
         out = dict(out) if out is st else out

@@ -334,3 +334,41 @@ def clipping(rank, world, how, steps, max_norm):
     out.update(norms=norms, ref_norms=ref_norms, params=full_params(model),
                ref_params=[p.detach().clone() for p in ref.parameters()])
     return out
+
+
+def clipping_frozen(rank, world, how, steps, max_norm):
+    """Reliability v3, row 6: frozen layers (norm, b, c) so that, with FSDP1's one flat
+    param split in halves, rank 1 holds no trainable element (FSDP1 use_orig_params=True; the
+    FSDP2 case freezes the same layers). Every rank steps, those without a grad join the norm's
+    reduction with 0, and the clipped run equals clip_grad_norm_ + AdamW on the unsharded
+    model."""
+    torch.manual_seed(0)
+    base = Net()
+    for m in (base.norm, base.b, base.c):
+        m.requires_grad_(False)
+    every = [batches(r, steps) for r in range(world)]
+    ref = copy.deepcopy(base)
+    trainable = [p for p in ref.parameters() if p.requires_grad]
+    ropt = make_opt("torch", trainable)
+    ref_norms = []
+    for step in range(steps):
+        loss = sum(ref(*every[r][step]) for r in range(world)) / world
+        loss.backward()
+        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
+        ropt.step()
+        ropt.zero_grad()
+    model = wrap(copy.deepcopy(base), how, world)
+    group = model.process_group if how.startswith("fsdp1") else None
+    opt = TiedAdamW(list(model.parameters()), lr=1e-2, beta=BETA, weight_decay=0.1,
+                    backend="triton", max_grad_norm=max_norm, norm_process_group=group)
+    norms, with_grads = [], []
+    for step in range(steps):
+        model(*every[rank][step]).backward()
+        with_grads.append(sum(p.grad is not None and p.grad.numel() > 0
+                              for p in model.parameters()))
+        opt.step()
+        opt.zero_grad()
+        norms.append(float(opt.last_grad_norm))
+    return dict(norms=norms, ref_norms=ref_norms, params=full_params(model),
+                ref_params=[p.detach().clone() for p in ref.parameters()],
+                with_grads=with_grads)

@@ -312,3 +312,114 @@ def test_no_grads_norm_is_zero_as_torch_returns_it():
     clip = opt.telemetry()["(clip)"]
     assert float(clip["grad_norm"]) == 0.0 and float(clip["clip_coef"]) == 1.0
     assert float(clip["skipped"]) == 0.0
+
+
+# Reliability v3 -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_master_weights_amp_clipping_with_small_grads(backend):
+    """Row 2: fp16 params with master weights, GradScaler, max_grad_norm, unscaled grads ~1e-7
+    (below fp16's normal range): the unscaling is done in fp32, as on the Triton path, so the
+    master weights follow AdamW on the unscaled, clipped grads (unscaled in place in fp16 they
+    underflowed and the masters ended more than a step of lr off)."""
+    sizes = (300, 7)
+    master0 = [torch.randn(n) for n in sizes]
+    ps = [torch.nn.Parameter(m.to(torch.float16)) for m in master0]
+    ref = [torch.nn.Parameter(p.detach().double()) for p in ps]
+    opt = TiedAdamW(ps, backend=backend, master_weights=True, max_grad_norm=1e-6, **HYPER)
+    ropt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    scale = 2.0 ** 16
+    for _ in range(3):
+        grads = [torch.randn(n) * 1e-7 for n in sizes]
+        for p, r, g in zip(ps, ref, grads):
+            p.grad = (g * scale).to(torch.float16)
+            r.grad = p.grad.double() / scale  # what the fp16 grads hold, unscaled exactly
+        opt.grad_scale = torch.tensor(scale)
+        opt.found_inf = torch.tensor(0.0)
+        unscaled = [p.grad.float() / scale for p in ps]
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 1e-6)
+        assert float(norm) > 1e-6  # clipped
+        ropt.step()
+        torch.testing.assert_close(opt.last_grad_norm.double(), norm, rtol=1e-5, atol=0)
+        for p, u in zip(ps, unscaled):  # the grads hold the unscaled values, rounded to fp16
+            assert torch.equal(p.grad, u.to(torch.float16))
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(opt.state[p]["master_param"].double(), r.detach(),
+                                   rtol=0, atol=1e-2 * 1e-3)  # a thousandth of a step of lr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_param_dtypes_clip_as_clip_grad_norm(backend):
+    """Row 7: one bf16 (and one fp16) param among fp32 ones. The norm is clip_grad_norm_'s bit
+    for bit (each grad's norm in its own dtype, then promoted), so fp32 params are bit for bit
+    those of clip_grad_norm_ then the step (TiedAdamW's, fed the clipped grads), and within
+    fp32 rounding of torch's AdamW; the bf16/fp16 params' clipped grads are not rounded to
+    their dtype (clip_grad_norm_ writes them back rounded), so those agree to that rounding."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float32, torch.float16)
+    ps = [torch.nn.Parameter(torch.randn(n).to(d)) for n, d in zip((500, 300, 37, 64), dtypes)]
+    first = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = [torch.nn.Parameter(p.detach().double()) for p in ps]
+    opt = TiedAdamW(ps, backend=backend, max_grad_norm=0.5, **HYPER)
+    fopt = TiedAdamW(first, backend=backend, **HYPER)
+    ropt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        for p, f, r in zip(ps, first, ref):
+            p.grad = (torch.randn(p.shape) * 3).to(p.dtype)
+            f.grad, r.grad = p.grad.clone(), p.grad.double()
+        norm = torch.nn.utils.clip_grad_norm_(first, 0.5)
+        for r in ref:
+            r.grad.mul_(((0.5 / (norm + 1e-6)).clamp(max=1.0)).double())
+        opt.step()
+        fopt.step()
+        ropt.step()
+        assert opt.last_grad_norm.dtype == norm.dtype and torch.equal(opt.last_grad_norm, norm)
+    for p, f, r in zip(ps, first, ref):
+        if p.dtype == torch.float32:
+            assert torch.equal(p, f)
+            assert_close(p, r.float())
+        else:  # rounded to bf16/fp16 at every step: a few ulps from the fp64 run
+            torch.testing.assert_close(p.double(), r.detach(), atol=1e-5,
+                                       rtol=4 * torch.finfo(p.dtype).eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_norm_beyond_fp32_does_not_skip_a_finite_step(backend):
+    """Suspected in the v3 report, confirmed: under AMP the norm is taken on the scaled grads;
+    with fp32 accumulation their sum of squares overflowed where the unscaled norm is finite
+    (here ~1e21 scaled, ~3e3 unscaled), and the step was skipped without GradScaler knowing
+    (its flags saw finite grads), so its scale would keep growing. The per-tensor norms are
+    now taken in fp64 with the scale divided out: the step is taken, as unscale_ +
+    clip_grad_norm_ + AdamW takes it."""
+    ps = fresh(sizes=(1000, 37))
+    ref = twin(ps)
+    opt = TiedAdamW(ps, backend=backend, max_grad_norm=1.0, **HYPER)
+    ropt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1, foreach=False)
+    scale = 2.0 ** 60
+    for _ in range(2):
+        grads = [torch.randn(p.shape) * 100 for p in ps]
+        for p, r, g in zip(ps, ref, grads):
+            p.grad, r.grad = g * scale, g.clone()
+        assert not math.isfinite(float(torch.stack([(p.grad ** 2).sum() for p in ps]).sum()))
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ropt.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
+    assert float(opt.state[ps[0]]["step"]) == 2.0
+    for p, r in zip(ps, ref):
+        assert_close(p, r)
+
+
+def test_norm_beyond_fp32_without_amp_skips_as_documented():
+    """Without AMP a norm whose fp32 sum of squares overflows is inf, as clip_grad_norm_'s is:
+    the step is skipped (Note [global norm]) and says so."""
+    ps = fresh(sizes=(1000,))
+    opt = TiedAdamW(ps, max_grad_norm=1.0, telemetry=True, **HYPER)
+    ps[0].grad = torch.randn(1000) * 1e20
+    assert not math.isfinite(float(torch.nn.utils.get_total_norm([ps[0].grad])))
+    before = ps[0].detach().clone()
+    opt.step()
+    assert torch.equal(ps[0], before) and not opt.state[ps[0]] or \
+        float(opt.state[ps[0]]["step"]) == 0.0
+    assert math.isinf(float(opt.last_grad_norm))
+    assert float(opt.telemetry()["(clip)"]["skipped"]) == 1.0

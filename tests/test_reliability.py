@@ -555,3 +555,178 @@ def test_tensor_hyperparameter_edited_in_place_is_checked(backend, guard_path):
     with pytest.raises(ValueError, match="eps"):
         opt.step()
     assert_unchanged(opt, ps, snap)
+
+
+# Reliability v3 ---------------------------------------------------------------------------------
+STATE_FORMATS = ["float32", "bfloat16", "ratio8"]
+
+
+# v3 row 1 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", STATE_FORMATS)
+def test_finite_grads_whose_square_overflows_never_make_nan(backend, state_dtype):
+    """|g| ~ 1e20: g*g overflows fp32, so v = inf, as torch.optim.AdamW's fp32 v holds it.
+    torch's update is then m / inf = 0 and params stay finite; so in every state format (ratio8
+    stored inf in its bf16 v and decoded 0 * inf = NaN the next step)."""
+    ours, theirs = pair(64, 33)
+    opt = TiedAdamW(ours, lr=1e-2, beta=0.9, backend=backend, state_dtype=state_dtype)
+    ref = torch_ref(theirs, lr=1e-2)
+    hit = torch.zeros(64, dtype=torch.bool)
+    hit[::3] = True
+    decay = torch.tensor(1 - 1e-2 * 1e-2, dtype=torch.float32)
+    for step in range(4):
+        grads = [torch.randn(64), torch.randn(33)]
+        if step == 1:
+            grads[0] = torch.where(hit, torch.randn(64).sign() * 1e20, grads[0])
+            grads[1] = grads[1].sign() * 1e20
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        before = ours[0].detach().clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            assert torch.isfinite(p).all() and torch.isfinite(q).all()
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert not opt.state[p][k].float().isnan().any(), k
+            inf = ~torch.isfinite(ref.state[q]["exp_avg_sq"])
+            assert not (inf & torch.isfinite(opt.state[p]["exp_avg_sq"].float())).any()
+            if step >= 1:
+                assert inf.any()
+        if step >= 1:  # v = inf there: the update is 0, as torch's; the param only decays
+            torch.testing.assert_close(ours[0][hit], before[hit] * decay, rtol=1e-7, atol=0)
+        if state_dtype == "float32":
+            assert_close(ours[0][~hit], theirs[0][~hit], torch.float32)
+        else:  # the moments' rounding moves each update by a few percent of lr at most
+            assert (ours[0][~hit] - theirs[0][~hit]).abs().max() <= 0.1 * 1e-2 * (step + 1)
+
+
+# v3 rows 3, 4, 5 ------------------------------------------------------------------------------
+def _two_group_opt(ps, backend, **kw):
+    return TiedAdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}], lr=1e-2, beta=0.9,
+                     backend=backend, stochastic_rounding=True, **kw)
+
+
+def _grads(ps, steps):
+    return [[torch.randn_like(p) for p in ps] for _ in range(steps)]
+
+
+def _run(opt, ps, grads, before=None):
+    for i, gs in enumerate(grads):
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        if before is not None:
+            before(i)
+        opt.step()
+
+
+def _same(opt_a, ps_a, opt_b, ps_b):
+    for p, q in zip(ps_a, ps_b):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", [("state_dtype", "ratio8"), ("seed", 12345),
+                                  ("state_dtype", "bfloat16")])
+def test_option_edit_survives_a_step_refused_for_another_group(backend, edit):
+    """Row 3: an option edit in group 0, then a step refused because of group 1 (a NaN lr),
+    fixed, stepped on: the edit is applied, as in a run that made the edit without the
+    refusal."""
+    key, value = edit
+    a = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7, 9)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    grads = _grads(a, 4)
+    extra = {} if key == "state_dtype" else {"state_dtype": "bfloat16"}
+    oa, ob = _two_group_opt(a, backend, **extra), _two_group_opt(b, backend, **extra)
+    _run(oa, a, grads[:2])
+    _run(ob, b, grads[:2])
+    oa.param_groups[0][key] = value
+    oa.param_groups[1]["lr"] = float("nan")
+    for p, g in zip(a, grads[2]):
+        p.grad = g.clone()
+    snap = snapshot(oa, a)
+    with pytest.raises(ValueError, match="lr"):
+        oa.step()
+    assert_unchanged(oa, a, snap)
+    oa.param_groups[1]["lr"] = 3e-3
+    _run(oa, a, grads[2:])
+    ob.param_groups[0][key] = value
+    _run(ob, b, grads[2:])
+    _same(oa, a, ob, b)
+    assert oa.param_groups[0][key] == value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_dict_replaced_by_an_edited_copy_is_an_edit(backend):
+    """Row 4: ``param_groups[0] = {**g, "state_dtype": "ratio8"}`` converts as the in-place
+    edit does; every checkpoint it writes loads (tiedadam refuses fp32 moments under a ratio8
+    group)."""
+    a = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7, 9)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    grads = _grads(a, 4)
+    oa, ob = _two_group_opt(a, backend), _two_group_opt(b, backend)
+    _run(oa, a, grads[:2])
+    _run(ob, b, grads[:2])
+    oa.param_groups[0] = {**oa.param_groups[0], "state_dtype": "ratio8"}
+    ob.param_groups[0]["state_dtype"] = "ratio8"
+    sd = oa.state_dict()
+    assert sd["state"][0]["exp_avg"].dtype == torch.int8
+    c = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oc = _two_group_opt(c, backend)
+    oc.load_state_dict(sd)
+    _run(oa, a, grads[2:])
+    _run(ob, b, grads[2:])
+    _run(oc, c, grads[2:])
+    _same(oa, a, ob, b)
+    _same(oa, a, oc, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_moved_into_a_group_of_another_format_saves_that_format(backend):
+    """Row 5: a param with fp32 moments moved by ``add_param_group`` into a ratio8 group;
+    ``state_dict()`` before the next step saves what that step will use (ratio8), and loads."""
+    a = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7, 9)]
+    opt = TiedAdamW(a, lr=1e-2, beta=0.9, backend=backend)
+    _run(opt, a, _grads(a, 2))
+    moved = a[2]
+    del opt.param_groups[0]["params"][2]
+    opt.add_param_group({"params": [moved], "state_dtype": "ratio8"})
+    sd = opt.state_dict()
+    assert sd["param_groups"][1]["state_dtype"] == "ratio8"
+    assert sd["state"][2]["exp_avg"].dtype == torch.int8
+    assert sd["state"][2]["exp_avg_sq"].dtype == torch.bfloat16
+    assert sd["state"][0]["exp_avg"].dtype == torch.float32
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    other = TiedAdamW([{"params": b[:2]}, {"params": [b[2]], "state_dtype": "ratio8"}],
+                      lr=1e-2, beta=0.9, backend=backend)
+    other.load_state_dict(sd)
+    grads = _grads(a, 2)
+    _run(opt, a, grads)
+    _run(other, b, grads)
+    _same(opt, a, other, b)
+
+
+# v3 row 11 ----------------------------------------------------------------------------------
+def test_adam_checkpoint_with_l2_weight_decay_is_refused():
+    """torch.optim.Adam adds weight_decay * p to the grad (L2): its moments hold that term, and
+    continuing as AdamW would train otherwise. Refused at load, with nothing changed; an Adam
+    checkpoint without weight decay is AdamW's and loads."""
+    ours, theirs = pair(6)
+    ref = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1)
+    theirs[0].grad = torch.randn(6)
+    ref.step()
+    opt = TiedAdamW(ours, backend="torch")
+    ours[0].grad = torch.randn(6)
+    opt.step()
+    snap = snapshot(opt, ours)
+    with pytest.raises(ValueError, match="L2 weight decay"):
+        opt.load_state_dict(ref.state_dict())
+    assert_unchanged(opt, ours, snap)
+    plain = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.9))
+    theirs[0].grad = torch.randn(6)
+    plain.step()
+    opt.load_state_dict(plain.state_dict())
+    assert float(opt.state[ours[0]]["step"]) == 1.0

@@ -54,6 +54,9 @@ from .. import _compat
 from .._compat import is_dtensor
 
 EPS = 1e-6  # torch's clip_grad_norm_: max_norm / (total_norm + 1e-6)
+# clip_grad_norm_'s norm as a public function (torch >= 2.6); older torch: the same operations
+# here, in first-seen (device, dtype) order, which may sum the per-dtype norms in another order
+_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
 
 
 def check_max_grad_norm(value) -> float | None:
@@ -115,6 +118,8 @@ def _norm(grads: Sequence[Tensor], device: torch.device, like_torch: bool,
     wide = scale is not None or any(g.dtype == torch.float64 for g in grads)
     acc = torch.float64 if wide else torch.float32
     norms = []
+    if like_torch and scale is None and _total_norm is not None:
+        return _total_norm(grads, 2.0)  # clip_grad_norm_'s own (its (device, dtype) order)
     for (dev, dtype), ts in by_kind.items():
         if like_torch and scale is None:
             norms += [n.to(device, non_blocking=True) for n in _compat.foreach_norm(ts)]

@@ -286,3 +286,25 @@ def clipping_refused(rank, world, kind):
     except ValueError as e:
         return str(e)
     return None
+
+
+def clipping_set_after_initialize(rank, world, stage):
+    """max_grad_norm set on the engine's TiedAdamW after deepspeed.initialize (the check at
+    initialize cannot see it): refused at the assignment, with DeepSpeed's fix, and training
+    goes on unclipped by the optimizer."""
+    import deepspeed
+    model = Net()
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups(model),
+                                             config=ds_config(stage, "fp32"))
+    tied = engine.optimizer if stage == 0 else engine.optimizer.optimizer
+    msg = None
+    try:
+        tied.max_grad_norm = 1.0
+    except ValueError as e:
+        msg = str(e)
+    x, y = batches(rank, 1)[0]
+    engine.backward(engine(x, y))
+    engine.step()
+    out = (msg, tied.max_grad_norm)
+    engine.destroy()
+    return out

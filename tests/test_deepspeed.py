@@ -165,3 +165,12 @@ def test_deepspeed_launcher_smoke(tmp_path):
     for r in results:
         assert r["optimizer"] == "TiedAdamW" and len(r["losses"]) == 3
         assert all(x == x and x < 1e3 for x in r["losses"])
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_max_grad_norm_set_after_initialize_is_refused(stage):
+    """Suspected in the v3 report, confirmed: the refusal ran at initialize only, so a
+    max_grad_norm set on the engine's optimizer afterwards would clip each ZeRO partition by
+    its own norm. The assignment now raises with the fix; nothing is clipped."""
+    for msg, value in run_ranks(ds_ranks.clipping_set_after_initialize, stage):
+        assert msg is not None and "gradient_clipping" in msg and value is None

@@ -122,3 +122,28 @@ def test_deepspeed_zero2_partitions_combine_to_whole_model_value():
             assert s2[f"telemetry/all/{k}"] == pytest.approx(s0[f"telemetry/all/{k}"],
                                                             rel=1e-4, abs=1e-6), k
         assert s2["telemetry/all/update_abs_max"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("state", ["bfloat16", "ratio8"])
+@pytest.mark.parametrize("sr", [False, True])
+def test_torch_backend_describes_the_update_applied(state, sr):
+    """Row 9 of the v3 report: with bf16 or ratio8 moments the torch backend computed the
+    telemetry from the rounded stored state, 0.4-0.7 % off the update it applied. It now reads
+    the fp32 moments the update used: update_abs_max equals the applied |dp| / lr (the param
+    zeroed before the step, no weight decay), as on the Triton path."""
+    p = torch.nn.Parameter(torch.zeros(5000))
+    opt = TiedAdamW([p], lr=1e-3, beta=0.95, eps=1e-8, weight_decay=0.0, state_dtype=state,
+                    stochastic_rounding=sr, backend="torch", telemetry=True)
+    for t in range(1, 6):
+        with torch.no_grad():
+            p.zero_()
+        g = torch.randn(5000) * 10.0 ** torch.empty(5000).uniform_(-3, 1)
+        p.grad = g
+        opt.step()
+        c = 1 - 0.95 ** t
+        applied = p.detach().double().abs() * c / (1e-3)  # |q| = |u| c; dp = (lr / c) q
+        row = opt.telemetry()["0.0"]
+        u = applied / c
+        torch.testing.assert_close(row["update_abs_max"].double(), u.max(), rtol=2e-6, atol=0)
+        torch.testing.assert_close(row["update_sq_sum"].double(), (u * u).sum(), rtol=2e-5,
+                                   atol=0)

@@ -404,6 +404,8 @@ def convert_moments(p: Tensor, m: Tensor, v: Tensor, target: tuple, beta: float,
     the saved ``step`` count, Note [ratio8 update bound]) against the new bf16 exp_avg_sq (Note
     [ratio8] in kernels/ratio8.py)."""
     tm, tv = target
+    if (m.dtype, v.dtype) == (tm, tv):  # the same format: copied as saved, codes included
+        return cast_state(p, m, tm), cast_state(p, v, tv)  # (re-encoding is not the identity)
     if m.dtype == torch.int8:
         m = ratio8.decode(m, v)
     if tm == torch.int8:

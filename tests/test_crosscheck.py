@@ -6,9 +6,11 @@ or tensor subclasses without storage), 1-3 param groups, whether it steps as ZeR
 sub-groups (each param alone through its group dict), and a script of steps with edits between
 them (lr, beta/betas, eps, weight_decay, some as 1-element tensors), steps clipped by
 max_grad_norm (against clip_grad_norm_ on the reference), option edits (seed,
-rounding flags, master_weights, state_dtype incl. ratio8), a state_dict save -> load into a fresh
-optimizer, AMP steps with a scale and injected infs, invalid edits, and storages freed or
-shrunk under a param, a state tensor or a grad. After every action the case either matches the
+rounding flags, master_weights, state_dtype incl. ratio8; some by replacing the group dict with
+an edited copy, some followed by a step refused for an invalid value), a state_dict save -> load
+into a fresh optimizer, AMP steps with a scale and injected infs, finite grads whose squares
+overflow fp32, invalid edits, and storages freed or shrunk under a param, a state tensor or a
+grad. After every action the case either matches the
 reference within the dtype's tolerance or was refused with an exception and nothing changed.
 
 The reference is torch.optim.AdamW; after an option edit, also a *resumed twin*: the optimizer
@@ -118,19 +120,24 @@ class Case:
         return TiedAdamW(groups, backend=self.backend)
 
     # -- actions -----------------------------------------------------------------------------
-    def grads(self, scale=1.0, inf=False):
-        """Fresh grads in random layouts; ``scale`` multiplies ours (AMP)."""
+    def grads(self, scale=1.0, inf=False, huge=False):
+        """Fresh grads in random layouts; ``scale`` multiplies ours (AMP); ``huge``: some
+        elements ~1e20, finite, whose square overflows fp32 (v = inf, a zero update in
+        torch's AdamW)."""
         for p, q in zip(self.ours, self.theirs):
             if self.rng.random() < 0.15 and not self.subgroups:
                 p.grad = q.grad = None  # this param sits the step out
                 continue
-            g = torch.randn(p.shape, generator=self.gen, dtype=torch.float64).to(p.dtype)
+            g = torch.randn(p.shape, generator=self.gen, dtype=torch.float64)
+            if huge and p.numel() > 0 and self.rng.random() < 0.5:
+                g.view(-1)[::3] *= 1e20
+            g = g.to(p.dtype)  # the reference gets these values too (bf16: as held)
             kind = self.rng.random()
             if kind < 0.1 and p.dim() == 2:
                 g = g.t().contiguous().t()
             elif kind < 0.15 and p.numel() > 0:
                 g = g.reshape(-1)[:1].reshape(()).expand(p.shape) if p.dim() else g
-            q.grad = g.to(q.dtype).clone()
+            q.grad = g.to(q.dtype).clone()  # (a bf16 case: the bf16 values, in fp32)
             ours = g if scale == 1.0 else (g * scale).to(p.dtype)
             if inf and p.numel() > 0:
                 ours = ours.clone()
@@ -183,7 +190,14 @@ class Case:
         n = sum(p.numel() for p in self.ours if p.grad is not None)
         bound = math.sqrt(max(n, 1)) * self.rng.uniform(0.3, 1.7)
         opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
-        torch.nn.utils.clip_grad_norm_([q for q in self.theirs if q.grad is not None], bound)
+        # clip_grad_norm_'s coefficient from the grads as our params hold them (bf16 grads:
+        # each tensor's norm in bf16, as torch takes it), applied to the reference's grads
+        held = [q.grad.to(self.dtype) for q in self.theirs if q.grad is not None]
+        if held:
+            coef = (bound / (torch.nn.utils.get_total_norm(held) + 1e-6)).clamp(max=1.0)
+            for q in self.theirs:
+                if q.grad is not None:
+                    q.grad.mul_(coef.to(q.dtype))
         for o in opts:
             o.max_grad_norm = bound
         try:
@@ -234,9 +248,29 @@ class Case:
         ref_key = "betas" if key.startswith("beta") else key
         self.ref.param_groups[gi][ref_key] = (value, value) if ref_key == "betas" else value
 
+    def huge_step(self):
+        """Finite grads whose squares overflow fp32: as torch's AdamW, never a NaN (but with
+        beta = 0, where the next step's v = 0 * inf is NaN in torch's AdamW as here)."""
+        if any(h["beta"] == 0.0 for h in self.hyper):
+            self.grads()
+            return self.step()
+        self.grads(huge=True)
+        self.step()
+        for p in self.ours:
+            assert torch.isfinite(p).all(), "finite grads made a non-finite param"
+
+    def edit_then_refused(self):
+        """An option edit, then a step refused for an invalid value (in any group), the value
+        fixed: the edit survives the refusal (the twin, resumed right after the edit, is
+        compared bit for bit at the next step)."""
+        self.option_edit()
+        self.bad_edit()
+
     def option_edit(self):
         """An option edited between steps: honoured as a run resumed from a checkpoint that
-        holds the new value (the twin is that run)."""
+        holds the new value (the twin is that run). Sometimes by replacing the group dict with
+        an edited copy (``param_groups[i] = {**g, key: value}``), which must count as the
+        same edit."""
         gi = self.rng.randrange(len(self.hyper))
         keys = ["seed", "stochastic_rounding", "param_stochastic_rounding", "state_dtype"]
         if self.dtype == torch.bfloat16:
@@ -247,7 +281,10 @@ class Case:
             ["float32", "bfloat16", "ratio8"])}.get(key, not group.get(key))
         opts = [self.opt] + ([self.twin[1]] if self.twin is not None else [])
         for o in opts:
-            o.param_groups[gi][key] = value
+            if o is self.opt and self.rng.random() < 0.3:
+                o.param_groups[gi] = {**o.param_groups[gi], key: value}
+            else:
+                o.param_groups[gi][key] = value
         self.edit_pending = True
         if self.dtype != torch.float64 and (key == "master_weights" or (
                 key == "state_dtype" and value != "float32")):
@@ -374,8 +411,12 @@ def run_case(seed: int) -> None:
             c.amp_step(overflow=c.rng.random() < 0.5)
         elif r < 0.76 and c.dtype != torch.bfloat16:
             c.reload()
-        elif r < 0.86:
+        elif r < 0.82:
             c.resize_refusal()
+        elif r < 0.86:
+            c.huge_step()
+        elif r < 0.9:
+            c.edit_then_refused()
         else:
             c.bad_edit()
         c.assert_matches()
@@ -396,3 +437,98 @@ def test_randomized_cases_match_torch_or_are_refused():
                                  f"TIEDADAM_CROSSCHECK_SEED={seed}): {type(e).__name__}: {e}") \
                 from e
     assert len(seeds) == (1 if fixed else N_CASES) and not math.isnan(base)
+
+
+
+# Clipping across param dtypes, AMP and master weights -------------------------------------------
+N_CLIP_CASES = int(os.environ.get("TIEDADAM_CROSSCHECK_CLIP_CASES", "24"))
+
+
+def run_clip_case(seed: int) -> None:
+    """fp32, bf16 and fp16 params mixed in one optimizer, master weights or not, GradScaler
+    scales (powers of two) or none, grads from ~1e-7 to ~1e3, max_grad_norm drawn around the
+    norm. Without AMP the norm is clip_grad_norm_'s bit for bit (grads as held: bf16/fp16
+    per-tensor norms rounded to their dtype); under AMP within fp32 rounding of the fp64 norm
+    of the unscaled grads (Note [global norm]). Against float64 tied AdamW fed the unscaled
+    grads times that coefficient, each param rounded to its dtype after every step as the
+    kernel writes it (master weights: the fp32 master unrounded): params within two ulps of
+    their dtype, masters and moments within fp32 rounding."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    backend = rng.choice(["triton", "torch"])
+    master = rng.random() < 0.5
+    dtypes = [rng.choice([torch.float32, torch.bfloat16, torch.float16])
+              for _ in range(rng.randint(2, 4))]
+    sizes = [rng.choice([1, 7, 64, 300]) for _ in dtypes]
+    ours = [torch.nn.Parameter(torch.randn(n, generator=gen).to(d)) for n, d in zip(sizes, dtypes)]
+    lr, beta, wd, eps = 1e-2, 0.9, 0.1, 1e-8
+    opt = TiedAdamW(ours, lr=lr, beta=beta, weight_decay=wd, eps=eps, backend=backend,
+                    master_weights=master, max_grad_norm=1.0)
+    keeps_fp32 = [master or d == torch.float32 for d in dtypes]  # unrounded fp32 math
+    ref_p = [p.detach().double() for p in ours]
+    ref_m = [torch.zeros_like(p) for p in ref_p]
+    ref_v = [torch.zeros_like(p) for p in ref_p]
+    steps = rng.randint(1, 3)
+    for t in range(1, steps + 1):
+        mag = 10.0 ** rng.uniform(-7, 3)
+        scale = 2.0 ** rng.randint(0, 20) if rng.random() < 0.5 else None
+        if scale is not None and any(d == torch.float16 for d in dtypes):
+            scale = min(scale, 2.0 ** 10 / max(mag, 1e-30))  # keep fp16 grads finite
+            scale = 2.0 ** math.floor(math.log2(max(scale, 1.0)))
+        for p in ours:
+            g = (torch.randn(p.shape, generator=gen) * mag).to(p.dtype)
+            p.grad = g if scale is None else (g.float() * scale).to(p.dtype)
+        # the unscaled values the update reads (the scaled grad may have rounded)
+        ref_g = [p.grad.double() / (scale or 1.0) for p in ours]
+        unscaled = [g.to(p.dtype) for p, g in zip(ours, ref_g)]
+        norm = (torch.nn.utils.get_total_norm(unscaled) if scale is None else
+                torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in ref_g])))
+        opt.max_grad_norm = max(float(norm) * rng.uniform(0.3, 1.7), 1e-30)
+        # torch's coefficient, in the norm's dtype (fp16 grads: fp16 arithmetic, as
+        # clip_grad_norm_ computes it); under AMP in fp32, from the fp32 norm
+        held = norm if scale is None else norm.float()
+        coef = (opt.max_grad_norm / (held + 1e-6)).clamp(max=1.0).double()
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        if scale is not None:
+            del opt.grad_scale, opt.found_inf
+            torch.testing.assert_close(opt.last_grad_norm.double(), norm.double(), rtol=1e-6,
+                                       atol=0)
+        else:
+            assert torch.equal(opt.last_grad_norm, norm), "the norm is not clip_grad_norm_'s"
+        c = 1 - beta ** t
+        for i, (p, g) in enumerate(zip(ours, ref_g)):
+            assert torch.equal(p.grad, unscaled[i])  # as given, or unscaled: never clipped
+            g = g * coef
+            ref_m[i] = beta * ref_m[i] + (1 - beta) * g
+            ref_v[i] = beta * ref_v[i] + (1 - beta) * g * g
+            ref_p[i] = ref_p[i] * (1 - lr * wd) - lr * (ref_m[i] / c) / (
+                (ref_v[i] / c).sqrt() + eps)
+            if not keeps_fp32[i]:
+                ref_p[i] = ref_p[i].to(p.dtype).double()  # rounded as the kernel writes it
+    for i, p in enumerate(ours):
+        st = opt.state[p]
+        for k, r in (("exp_avg", ref_m[i]), ("exp_avg_sq", ref_v[i])):
+            torch.testing.assert_close(st[k].double(), r, rtol=1e-4,  # (m cancels: atol)
+                                       atol=1e-5 * float(r.abs().max()) + 1e-30,
+                                       msg=lambda m: f"{k} {i}: {m}")
+        if master and p.dtype != torch.float32:
+            torch.testing.assert_close(st["master_param"].double(), ref_p[i], rtol=1e-5,
+                                       atol=1e-6, msg=lambda m: f"master {i}: {m}")
+        torch.testing.assert_close(p.detach().double(), ref_p[i].to(p.dtype).double(),
+                                   rtol=2 * torch.finfo(p.dtype).eps, atol=1e-6,
+                                   msg=lambda m: f"param {i} ({p.dtype}): {m}")
+
+
+def test_randomized_clipping_across_dtypes_amp_and_master_weights():
+    fixed = os.environ.get("TIEDADAM_CROSSCHECK_SEED")
+    base = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
+    seeds = [base] if fixed else [base + i for i in range(N_CLIP_CASES)]
+    for seed in seeds:
+        try:
+            run_clip_case(seed)
+        except Exception as e:
+            raise AssertionError(f"clip case seed {seed} failed (replay with "
+                                 f"TIEDADAM_CROSSCHECK_SEED={seed}): {type(e).__name__}: {e}") \
+                from e

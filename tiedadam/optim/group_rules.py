@@ -308,7 +308,10 @@ class GroupRules:
 
     def __init__(self):
         self.memo: dict[int, tuple | None] = {}  # id(group) -> (group, values validated)
-        self.beta_seen: dict[int, float] = {}
+        # id(group) -> (beta last validated, the params list it was added with): a group dict
+        # replaced by a copy ({**g, ...}) shares g's params list, which tells a beta edit from
+        # a betas edit in the copy too
+        self.beta_seen: dict[int, tuple] = {}
         self.options_seen: dict[int, tuple] = {}  # id(group) -> (group, options)
         self.edited: dict[int, dict] = {}  # id(group) -> group, until its state is converted
 
@@ -320,7 +323,7 @@ class GroupRules:
 
     def added(self, group: dict) -> None:
         """A group that was just validated (constructed, added, loaded)."""
-        self.beta_seen[id(group)] = group["beta"]
+        self.beta_seen[id(group)] = (group["beta"], group.get("params"))
         self.options_seen[id(group)] = (group, tuple(map(group.get, STATE_OPTIONS)))
 
     def check(self, groups: list) -> bool:
@@ -339,7 +342,7 @@ class GroupRules:
             where = f"param_groups[{gi}]: "
             self.sync_beta(group, where)
             check_group(group, where)
-            self.beta_seen[id(group)] = group["beta"]
+            self.saw_beta(group)
             edited |= self.note_options(group)
             vals = tuple(map(group.get, CHECKED_KEYS))
             memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)
@@ -370,6 +373,12 @@ class GroupRules:
             return True
         return False
 
+    def saw_beta(self, group: dict) -> None:
+        # the params list stays the one the group was added with (ZeRO-3 swaps in a list of
+        # sub-group partitions for each call and puts the group's own back afterwards)
+        _, params = self.beta_seen.get(id(group), (None, group.get("params")))
+        self.beta_seen[id(group)] = (group["beta"], params)
+
     def is_edited(self, group: dict) -> bool:
         return self.edited.get(id(group)) is group
 
@@ -383,7 +392,10 @@ class GroupRules:
             tied_beta_from_betas(betas, where)  # raises the untied-betas error
         if b1 == beta:
             return
-        seen = self.beta_seen.get(id(group))
+        seen, _ = self.beta_seen.get(id(group), (None, None))
+        if seen is None:  # a dict never validated: the copy of one that shares its params
+            seen = next((b for b, ps in self.beta_seen.values()
+                         if ps is not None and ps is group.get("params")), None)
         if beta == seen:  # betas was edited
             beta = check_beta(b1, where)
         elif b1 == seen:  # beta was edited

@@ -85,9 +85,18 @@ class StreamKeys:
             for g in (*groups, group):
                 s = self.ordinals.get(id(g))
                 if s is None or s[1] is not g:
-                    self.ordinals[id(g)] = (len(self.ordinals), g)
+                    self.ordinals[id(g)] = (self._copied_from(g), g)
             seen = self.ordinals[id(group)]
         return seen[0]
+
+    def _copied_from(self, group: dict) -> int:
+        """A new group's ordinal: that of the group it is a copy of (``param_groups[i] =
+        {**g, ...}`` shares g's params list; an edit, not a new group), else the next one."""
+        params = group.get("params")
+        for ordinal, g in list(self.ordinals.values()):
+            if params is not None and g.get("params") is params:
+                return ordinal
+        return len({o for o, _ in self.ordinals.values()})
 
     def slot(self, ordinal: int, position: int, tensor: Tensor) -> int:
         """How many other tensors were first seen at this (group ordinal, position) before

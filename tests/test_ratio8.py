@@ -82,6 +82,17 @@ def test_codes_clamp_and_special_values():
     assert (q != -128).all()
 
 
+def test_code_bound_on_the_device_equals_the_hosts():
+    """The torch backend computes the code bound on the step count's device (no sync on a
+    GPU); it must be the host's value, which the kernel and the CPU step use."""
+    for beta in (0.0, 0.5, 0.9, 0.95, 0.99, 1 - 1 / 127):
+        for t in (0, 1, 2, 3, 7, 10, 100, 1000, 10 ** 6):
+            host = ratio8.code_bound(beta, float(t))
+            dev = ratio8.code_bound_tensor(beta, torch.tensor(float(t)))
+            assert float(dev) == host and host == int(host) and 0 <= host <= 127, (beta, t)
+    assert ratio8.code_bound(0.99, 1.0) == 12.0  # floor(127 * 0.1)
+
+
 def test_max_beta_follows_the_code():
     assert ratio8.max_beta("linear") == pytest.approx(1 - 1 / 127)
     assert ratio8.max_beta("sqrt") == pytest.approx(1 - 2 / 127)

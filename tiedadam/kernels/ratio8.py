@@ -102,6 +102,23 @@ def code_bound(beta: float, t: float, code: str | None = None) -> float:
     return float(min(LEVELS, math.floor(LEVELS * r)))
 
 
+def code_bound_of(beta: float, step: Tensor) -> float | Tensor:
+    """``code_bound(beta, t)`` for a step-count tensor: a float for a CPU count (read for free),
+    else a 0-dim tensor on the count's device, computed there in fp64 (no host sync)."""
+    if step.device.type == "cpu":
+        return code_bound(beta, float(step))
+    return code_bound_tensor(beta, step)
+
+
+def code_bound_tensor(beta: float, step: Tensor) -> Tensor:
+    """``code_bound`` computed with tensor ops on ``step``'s device (fp64), as a 0-dim fp32
+    tensor."""
+    t = step.to(torch.float64)
+    c = 1.0 - torch.exp(t * math.log(beta)) if beta > 0 else torch.ones_like(t)
+    r = c.sqrt() if CODE == "linear" else c.sqrt().sqrt()
+    return torch.floor(LEVELS * r).clamp(max=LEVELS).to(torch.float32)
+
+
 def decode_ratio(q: Tensor, code: str | None = None) -> Tensor:
     """int8 codes -> r in [-1, 1] (fp32)."""
     x = q.float() * INV_LEVELS

@@ -141,7 +141,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             else:
                 exp_avg_sqs[i].copy_(v32[j])
                 noise = None
-            bound = ratio8.code_bound(beta, float(state_steps[i]))  # Note [ratio8 update bound]
+            bound = ratio8.code_bound_of(beta, state_steps[i])  # Note [ratio8 update bound]
             exp_avgs[i].copy_(ratio8.encode(m32[j], exp_avg_sqs[i], noise, bound=bound))
         elif exp_avgs[i].dtype != torch.float32:
             if state_sr and exp_avgs[i].dtype == torch.bfloat16:

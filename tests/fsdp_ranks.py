@@ -357,7 +357,8 @@ def clipping_frozen(rank, world, how, steps, max_norm):
         ref_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
         ropt.step()
         ropt.zero_grad()
-    model = wrap(copy.deepcopy(base), how, world)
+    amp = how.endswith("-amp")  # grads scaled by 2**12 as GradScaler leaves them
+    model = wrap(copy.deepcopy(base), how.removesuffix("-amp"), world)
     group = model.process_group if how.startswith("fsdp1") else None
     opt = TiedAdamW(list(model.parameters()), lr=1e-2, beta=BETA, weight_decay=0.1,
                     backend="triton", max_grad_norm=max_norm, norm_process_group=group)
@@ -366,6 +367,11 @@ def clipping_frozen(rank, world, how, steps, max_norm):
         model(*every[rank][step]).backward()
         with_grads.append(sum(p.grad is not None and p.grad.numel() > 0
                               for p in model.parameters()))
+        if amp:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(2.0 ** 12)
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0 ** 12), torch.tensor(0.0)
         opt.step()
         opt.zero_grad()
         norms.append(float(opt.last_grad_norm))

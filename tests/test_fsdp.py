@@ -121,14 +121,15 @@ def test_max_grad_norm_is_the_full_models_norm(how):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["fsdp1-orig", "fsdp2"])
+@pytest.mark.parametrize("how", ["fsdp1-orig", "fsdp1-orig-amp", "fsdp2"])
 def test_clipping_with_a_rank_that_holds_no_trainable_grad(how):
     """Reliability v3, row 6: FSDP1 with use_orig_params=True and frozen layers leaves rank 1
     without a trainable element; its step() still joins the norm's all-reduce (before the fix
-    it returned first, and rank 0 waited until the process-group timeout). The clipped run
-    equals clip_grad_norm_ + AdamW on the unsharded model."""
+    it returned first, and rank 0 waited until the process-group timeout), in the same dtype
+    as the other ranks (under AMP too). The clipped run equals clip_grad_norm_ + AdamW on the
+    unsharded model."""
     r0, r1 = run_ranks(fsdp_ranks.clipping_frozen, how, STEPS, 0.05, timeout=120)
-    if how == "fsdp1-orig":
+    if how.startswith("fsdp1-orig"):
         assert max(r1["with_grads"]) == 0 and min(r0["with_grads"]) > 0  # the case itself
     for r in (r0, r1):
         assert min(r["ref_norms"]) > 0.05  # every step clipped

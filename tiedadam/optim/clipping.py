@@ -7,11 +7,11 @@ Note [global norm]
 The norm is what ``torch.nn.utils.clip_grad_norm_`` computes, the 2-norm of all the grads
 together after AMP's unscaling, taken in one read of the grads:
 
-* Per device and grad dtype, torch's multi-tensor norm (``_compat.foreach_norm``, what
-  clip_grad_norm_ uses), each tensor's norm in the grad's own dtype (a bf16 grad's norm is
-  rounded to bf16, as clip_grad_norm_ rounds it), then the norm of the per-tensor norms on the
-  first grad's device after torch.stack's type promotion: one launch per (device, dtype) plus
-  one reduction, the same operations as clip_grad_norm_, so the same bits unsharded, for any
+* Unsharded, without AMP: ``torch.nn.utils.get_total_norm``, clip_grad_norm_'s own (torch >=
+  2.6; before, the same operations here): per device and grad dtype, torch's multi-tensor norm,
+  each tensor's norm in the grad's own dtype (a bf16 grad's norm is rounded to bf16), then the
+  norm of the per-tensor norms on the first grad's device after torch.stack's type promotion:
+  one launch per (device, dtype) plus one reduction, the same bits as clip_grad_norm_ for any
   mix of grad dtypes. (The coefficient is then applied to each grad in fp32 registers and not
   rounded to a bf16/fp16 grad's dtype, where clip_grad_norm_ writes the clipped grad back
   rounded: bf16/fp16 params agree with it to that rounding, fp32/fp64 params bit for bit.)
@@ -24,8 +24,8 @@ together after AMP's unscaling, taken in one read of the grads:
   finite. GradScaler could not be told of such a skip: it hands the optimizer a sum of its
   found_inf flags and reads its own per-device flags afterwards, so its scale would go on
   growing and every later step would skip. Not bit for bit with unscale_ + clip_grad_norm_,
-  which rounds each unscaled grad and sums in fp32: within a few fp32 ulps of it. A step AMP
-  skips has a non-finite norm anyway.
+  which rounds each unscaled grad and sums in fp32 (bf16/fp16 grads' norms in their dtype):
+  within fp32 rounding of the exact norm. A step AMP skips has a non-finite norm anyway.
 * Without AMP a norm whose fp32 sum of squares overflows (norm > ~1.8e19) with every grad
   finite is inf, as clip_grad_norm_'s is; the step is skipped as for a NaN or inf grad
   (``last_grad_norm`` inf, telemetry's "(clip)" ``skipped``) where clip_grad_norm_ would
@@ -154,11 +154,13 @@ def global_norm(params: Sequence[Tensor], grads: Sequence[Tensor],
         n = _norm(plain, device, True, grad_scale)  # one local set: torch's own norm, bit for bit
         squares = None
     elif plain or norm_group is not None:
-        # (a rank without plain grads still joins norm_group's reduction, with 0)
+        # (a rank without plain grads still joins norm_group's reduction, with 0; the sum
+        # crosses ranks in fp64, one dtype on every rank whatever its grads and AMP)
         sq = (_norm(plain, device, False, grad_scale).square() if plain else
-              torch.zeros((), dtype=torch.float32, device=device))
+              torch.zeros((), dtype=torch.float64, device=device))
         if norm_group is not None:
             import torch.distributed as dist
+            sq = sq.to(torch.float64)
             dist.all_reduce(sq, group=norm_group)
         squares.append(sq)
     for (mesh, placements), gs in sharded.items():
@@ -170,8 +172,9 @@ def global_norm(params: Sequence[Tensor], grads: Sequence[Tensor],
     if squares is not None:
         acc = torch.float64 if any(q.dtype == torch.float64 for q in squares) else torch.float32
         n = torch.stack([q.to(acc) for q in squares]).sum().sqrt()
-    if grad_scale is not None and not any(g.dtype == torch.float64 for g in grads):
-        n = n.to(torch.float32)  # (taken in fp64 under AMP: Note [global norm])
+    if squares is not None or grad_scale is not None:  # (fp64 partial sums, or AMP)
+        n = n.to(torch.float64 if any(g.dtype == torch.float64 for g in grads) else
+                 torch.float32)
     return n
 
 
@@ -182,12 +185,12 @@ def no_grad_norm(params: Sequence[Tensor], norm_group) -> Tensor:
     frozen params: a rank whose shards all lack grads)."""
     local = [_compat.local_tensor(p) for p in params]
     device = local[0].device if local else torch.device("cpu")
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
-    sq = torch.zeros((), dtype=acc, device=device)
+    sq = torch.zeros((), dtype=torch.float64, device=device)  # global_norm's reduction dtype
     if norm_group is not None:
         import torch.distributed as dist
         dist.all_reduce(sq, group=norm_group)
-    return sq.sqrt()
+    fp64 = any(t.dtype == torch.float64 for t in local)
+    return sq.sqrt().to(torch.float64 if fp64 else torch.float32)
 
 
 def coefficients(norm: Tensor, max_norm: float) -> Tensor:

@@ -315,13 +315,21 @@ def test_no_grads_norm_is_zero_as_torch_returns_it():
 
 
 # Reliability v3 -------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_master_weights_amp_clipping_with_small_grads(backend):
+@pytest.mark.parametrize("backend", BACKENDS + ["torch-compiled"])
+def test_fp16_master_weights_amp_clipping_with_small_grads(backend, monkeypatch):
     """Row 2: fp16 params with master weights, GradScaler, max_grad_norm, unscaled grads ~1e-7
     (below fp16's normal range): the unscaling is done in fp32, as on the Triton path, so the
     master weights follow AdamW on the unscaled, clipped grads (unscaled in place in fp16 they
     underflowed and the masters ended more than a step of lr off)."""
     sizes = (300, 7)
+    ran, compiled = [], backend == "torch-compiled"
+    if compiled:  # ZeRO-Offload's compiled CPU step
+        from tiedadam.kernels import tied_adamw_cpu as C
+        monkeypatch.setattr(torch_backend, "USE_COMPILED_CPU_STEP", True)
+        C.reset_fallback()
+        run = C.run
+        monkeypatch.setattr(C, "run", lambda *a, **k: ran.append(run(*a, **k)) or ran[-1])
+        backend = "torch"
     master0 = [torch.randn(n) for n in sizes]
     ps = [torch.nn.Parameter(m.to(torch.float16)) for m in master0]
     ref = [torch.nn.Parameter(p.detach().double()) for p in ps]
@@ -346,6 +354,7 @@ def test_fp16_master_weights_amp_clipping_with_small_grads(backend):
     for p, r in zip(ps, ref):
         torch.testing.assert_close(opt.state[p]["master_param"].double(), r.detach(),
                                    rtol=0, atol=1e-2 * 1e-3)  # a thousandth of a step of lr
+    assert all(ran) and bool(ran) == compiled  # compiled: every tensor went through it
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,7 +17,8 @@ from tiedadam import TiedAdamW
 from tiedadam import _compat
 from tiedadam.optim import guard, introspect
 from reference import assert_close
-from twins import Wrapped, assert_unchanged, pair, snapshot, step_both, torch_ref, trained
+from twins import (Wrapped, assert_same_run, assert_unchanged, pair, snapshot, step_both,
+                   torch_ref, trained)
 
 BACKENDS = ["triton", "torch"]
 
@@ -75,12 +76,7 @@ def test_option_edit_steps_as_a_resumed_run(backend, dtype, opts, key, value):
     whole, o1 = run(True, False)
     resumed, o2 = run(True, True)
     plain, o3 = run(False, False)
-    for a, b in zip(whole, resumed):
-        assert torch.equal(a, b)
-        s1, s2 = o1.state[a], o2.state[b]
-        assert s1.keys() == s2.keys()
-        for k in s1:
-            assert s1[k].dtype == s2[k].dtype and torch.equal(s1[k], s2[k]), k
+    assert_same_run(o1, whole, o2, resumed)
     assert not all(torch.equal(a, c) for a, c in zip(whole, plain)) or any(
         o1.state[a]["exp_avg"].dtype != o3.state[c]["exp_avg"].dtype
         for a, c in zip(whole, plain)), "the edit changed nothing"

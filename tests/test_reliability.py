@@ -17,7 +17,8 @@ from tiedadam import _compat
 from tiedadam.optim import guard, introspect
 from tiedadam.optim.telemetry import to_floats
 from reference import assert_close
-from twins import assert_unchanged, pair, snapshot, step_both, torch_ref, trained
+from twins import (assert_same_run, assert_unchanged, pair, snapshot, step_both,
+                   torch_ref, trained)
 
 BACKENDS = ["triton", "torch"]
 
@@ -225,19 +226,27 @@ def test_amp_telemetry_and_grads_agree_across_backends(backend):
 
 
 # 7 -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["maximize", "amsgrad"])
-def test_maximize_or_amsgrad_checkpoint_is_refused(key):
+@pytest.mark.parametrize("key", ["maximize", "amsgrad", "adam-l2"])
+def test_checkpoint_of_another_update_rule_is_refused(key):
+    """Checkpoints of another update rule, refused at load with nothing changed; "adam-l2"
+    (v3 row 11): torch.optim.Adam adds weight_decay * p to the grad, so its moments hold that
+    term and continuing as AdamW would train otherwise."""
     ours, theirs = pair(6)
-    ref = torch_ref(theirs, **{key: True})
+    if key == "adam-l2":
+        ref = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1)
+    else:
+        ref = torch_ref(theirs, **{key: True})
     theirs[0].grad = torch.randn(6)
     ref.step()
     opt = TiedAdamW(ours, backend="torch")
     ours[0].grad = torch.randn(6)
     opt.step()
     snap = snapshot(opt, ours)
-    with pytest.raises(ValueError, match=f"{key}=True"):
+    with pytest.raises(ValueError, match="L2 weight decay" if key == "adam-l2" else f"{key}=True"):
         opt.load_state_dict(ref.state_dict())
     assert_unchanged(opt, ours, snap)
+    if key == "adam-l2":
+        return
     with pytest.raises(ValueError, match="maximize=True"):
         TiedAdamW(ours, maximize=True)
     opt.param_groups[0][key] = True  # edited mid-training: refused at the step
@@ -619,15 +628,6 @@ def _run(opt, ps, grads, before=None):
         opt.step()
 
 
-def _same(opt_a, ps_a, opt_b, ps_b):
-    for p, q in zip(ps_a, ps_b):
-        assert torch.equal(p, q)
-        sa, sb = opt_a.state[p], opt_b.state[q]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edit", [("state_dtype", "ratio8"), ("seed", 12345),
                                   ("state_dtype", "bfloat16")])
@@ -655,7 +655,7 @@ def test_option_edit_survives_a_step_refused_for_another_group(backend, edit):
     _run(oa, a, grads[2:])
     ob.param_groups[0][key] = value
     _run(ob, b, grads[2:])
-    _same(oa, a, ob, b)
+    assert_same_run(oa, a, ob, b)
     assert oa.param_groups[0][key] == value
 
 
@@ -680,8 +680,8 @@ def test_group_dict_replaced_by_an_edited_copy_is_an_edit(backend):
     _run(oa, a, grads[2:])
     _run(ob, b, grads[2:])
     _run(oc, c, grads[2:])
-    _same(oa, a, ob, b)
-    _same(oa, a, oc, c)
+    assert_same_run(oa, a, ob, b)
+    assert_same_run(oa, a, oc, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -706,27 +706,17 @@ def test_param_moved_into_a_group_of_another_format_saves_that_format(backend):
     grads = _grads(a, 2)
     _run(opt, a, grads)
     _run(other, b, grads)
-    _same(opt, a, other, b)
+    assert_same_run(opt, a, other, b)
 
 
 # v3 row 11 ----------------------------------------------------------------------------------
-def test_adam_checkpoint_with_l2_weight_decay_is_refused():
-    """torch.optim.Adam adds weight_decay * p to the grad (L2): its moments hold that term, and
-    continuing as AdamW would train otherwise. Refused at load, with nothing changed; an Adam
-    checkpoint without weight decay is AdamW's and loads."""
+def test_adam_checkpoint_without_weight_decay_loads():
+    """An Adam checkpoint without weight decay is AdamW's: it loads (with L2 weight decay it is
+    refused: test_checkpoint_of_another_update_rule_is_refused)."""
     ours, theirs = pair(6)
-    ref = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1)
-    theirs[0].grad = torch.randn(6)
-    ref.step()
-    opt = TiedAdamW(ours, backend="torch")
-    ours[0].grad = torch.randn(6)
-    opt.step()
-    snap = snapshot(opt, ours)
-    with pytest.raises(ValueError, match="L2 weight decay"):
-        opt.load_state_dict(ref.state_dict())
-    assert_unchanged(opt, ours, snap)
     plain = torch.optim.Adam(theirs, lr=1e-2, betas=(0.9, 0.9))
     theirs[0].grad = torch.randn(6)
     plain.step()
+    opt = TiedAdamW(ours, backend="torch")
     opt.load_state_dict(plain.state_dict())
     assert float(opt.state[ours[0]]["step"]) == 1.0

@@ -46,6 +46,16 @@ def trained(ps, steps=2, **kw):
     return ps, opt
 
 
+def assert_same_run(opt_a, ps_a, opt_b, ps_b):
+    """Params and every state tensor (dtype and bits) of two runs equal."""
+    for p, q in zip(ps_a, ps_b):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
 def snapshot(opt, params):
     """Bitwise copies of ``params`` and of their state (step counts included)."""
     return ([p.detach().clone() for p in params],

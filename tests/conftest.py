@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The compiled CPU step is tested in tests/test_cpu_step.py; elsewhere CPU tensors take the
 # torch-op path, so that test processes do not each compile every mode (tens of seconds).
 os.environ.setdefault("TIEDADAM_CPU_COMPILE", "0")
+# The native CPU step likewise, in tests/test_native_cpu.py (one build per machine, cached).
+os.environ.setdefault("TIEDADAM_CPU_NATIVE", "0")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # silence Triton 3.9's notice; we pass it
 
 import pytest  # noqa: E402

@@ -156,18 +156,20 @@ def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | N
                        step: Tensor, *, lr, beta: float, eps: float, weight_decay: float,
                        grad_scale: Tensor | None, found_inf: Tensor | None, key: int,
                        state_sr: bool, param_sr: bool, clip: Tensor | None = None) -> bool:
-    """One CPU tensor through the compiled one-pass step (kernels/tied_adamw_cpu.py); False
-    when it cannot take it (a layout it does not walk, a tensor of 0 or 1 elements, or no
-    compiler: torch ops then)."""
-    if not USE_COMPILED_CPU_STEP or not (p.is_contiguous() and g.is_contiguous()
-                                         and m.is_contiguous() and v.is_contiguous()):
+    """One CPU tensor through a one-pass step: the native loop (kernels/native_cpu.cpp), else
+    the compiled one (kernels/tied_adamw_cpu.py); False when neither can take it (a layout they
+    do not walk, or nothing built: torch ops then)."""
+    if not (USE_NATIVE_CPU_STEP or USE_COMPILED_CPU_STEP) or not (
+            p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+            and v.is_contiguous()):
         return False
-    if p.numel() <= 1:
-        # dynamo specialises sizes 0 and 1 even under dynamic=True: one more compile each,
-        # for tensors where one pass over memory buys nothing
-        return False
+    from ..kernels import native_cpu as N
     from ..kernels import tied_adamw_cpu as C
-    if not C.compiled_available():
+    native = USE_NATIVE_CPU_STEP and N.load() is not None
+    # dynamo specialises sizes 0 and 1 even under dynamic=True: one more compile each, for
+    # tensors where one pass over memory buys nothing
+    if not native and (not USE_COMPILED_CPU_STEP or p.numel() <= 1
+                       or not C.compiled_available()):
         return False
     if found_inf is not None and float(found_inf) != 0:
         return True  # AMP: a step with non-finite grads changes nothing (the count is undone)
@@ -176,15 +178,17 @@ def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | N
                   1.0 if clip is None else float(clip))
     k = (key & 0xFFFFFFFF, key >> 32)
     keys = torch.tensor([x - (1 << 32) if x >= 1 << 31 else x for x in k], dtype=torch.int32)
-    return C.run(p.view(-1), g.view(-1), m.view(-1), v.view(-1),
-                 None if w is None else w.view(-1), s, keys, has_scale=grad_scale is not None,
-                 state_sr=state_sr, param_sr=param_sr)
+    args = (p.view(-1), g.view(-1), m.view(-1), v.view(-1), None if w is None else w.view(-1),
+            s, keys)
+    flags = dict(has_scale=grad_scale is not None, state_sr=state_sr, param_sr=param_sr)
+    return N.run(*args, **flags) if native else C.run(*args, **flags)
 
 
-# TIEDADAM_CPU_COMPILE=0 keeps CPU tensors on the torch-op path (no torch.compile): for
-# machines without a C++ compiler that should not try, and for the test suite, which runs the
-# compiled step in its own tests (tests/test_cpu_step.py) rather than compiling every mode in
-# every test process.
+# TIEDADAM_CPU_NATIVE=0 / TIEDADAM_CPU_COMPILE=0 keep CPU tensors off the native / compiled
+# one-pass step: for machines without a C++ compiler that should not try, and for the test
+# suite, which runs each in its own tests (tests/test_native_cpu.py, tests/test_cpu_step.py)
+# rather than building them in every test process.
+USE_NATIVE_CPU_STEP = os.environ.get("TIEDADAM_CPU_NATIVE", "1") != "0"
 USE_COMPILED_CPU_STEP = os.environ.get("TIEDADAM_CPU_COMPILE", "1") != "0"
 
 

@@ -114,7 +114,8 @@ def test_device_seconds_sums_the_profilers_device_events():
 def test_bench_offload_smallest(tmp_path):
     # (the compiled modes are left out: compiling costs tens of seconds on a cold cache)
     run_script("bench_offload.py", "--numels", "100000", "--iters", "3", "--warmup", "1",
-               "--providers", "tiedadam,tiedadam-bf16-torch-ops,torch-fused", tmp_path=tmp_path)
+               "--rounds", "1", "--providers", "tiedadam,tiedadam-bf16-torch-ops,torch-fused",
+               tmp_path=tmp_path)
     data = json.load(open(tmp_path / "bench_offload.json"))
     rows = {r["provider"]: r for r in data["results"]}
     assert list(rows) == ["tiedadam", "tiedadam-bf16-torch-ops", "torch-fused"]

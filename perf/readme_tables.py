@@ -113,6 +113,8 @@ def precision_table(rel="perf/results/cpu/precision_study.json") -> str:
 
 RATIO8 = "perf/results/cpu/precision_ratio8/precision_study.json"
 RATIO8_OFFLOAD = "perf/results/cpu/ratio8_offload/bench_offload.json"
+NATIVE_OFFLOAD = "perf/results/cpu/native_offload/bench_offload.json"
+NATIVE_OFFLOAD_1T = "perf/results/cpu/native_offload/threads1/bench_offload.json"
 
 
 def ratio8_table(rel=RATIO8) -> str:
@@ -149,17 +151,32 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
     d = _load(rel)
     if d is None:
         return f"*(no results file `{rel}` yet)*"
-    lines = ["| provider | partition | step ms | GB/s | state B/param | RSS growth MB | "
-             "vs DeepSpeedCPUAdam | vs torch fused | first step s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    per_process = "rounds" in d["config"]  # Note [offload processes] in perf/bench_offload.py
+    stream = per_process and any(r.get("percent_of_stream") for r in d["results"])
+    lines = ["| provider | " + ("threads | " if per_process else "") + "partition | step ms | "
+             "GB/s | " + ("% of stream | " if stream else "") + "state B/param | "
+             "RSS growth MB | vs DeepSpeedCPUAdam | vs torch fused | first step s |",
+             "|---|" + ("---:|" if per_process else "") + "---:|---:|---:|"
+             + ("---:|" if stream else "") + "---:|---:|---:|---:|---:|"]
     for r in d["results"]:
         vs, vf = r.get("speedup_vs_deepspeed_cpu_adam"), r.get("speedup_vs_torch_fused")
-        lines.append(f"| {r['provider']} | {r['numel'] / 1e6:.0f}M | {r['median_s'] * 1e3:.1f} | "
-                     f"{r['bandwidth_Bps'] / 1e9:.1f} | {r['state_bytes_per_param']:.1f} | "
+        ps = r.get("percent_of_stream")
+        lines.append(f"| {r['provider']} | " + (f"{r['threads']} | " if per_process else "")
+                     + f"{r['numel'] / 1e6:.0f}M | {r['median_s'] * 1e3:.1f} | "
+                     f"{r['bandwidth_Bps'] / 1e9:.1f} | "
+                     + ((f"{ps:.0f} | " if ps else "– | ") if stream else "")
+                     + f"{r['state_bytes_per_param']:.1f} | "
                      f"{r['rss_growth_bytes'] / 2**20:,.0f} | {f'{vs:.2f}×' if vs else '–'} | "
                      f"{f'{vf:.2f}×' if vf else '–'} | {r['first_step_s']:.1f} |")
-    return "\n".join(lines) + (f"\n\n*{d['config']['iters']} steps per provider in rotation, "
-                               f"{d['config']['threads']} threads; " + machine_line(d)[1:])
+    c = d["config"]
+    how = (f"{c['rounds']} processes per provider, alternating, {c['iters']} steps each, the "
+           f"median of their medians" if per_process else
+           f"{c['iters']} steps per provider in rotation")
+    build = d.get("native_build_seconds") or []
+    built = (f"; native step loaded in {build[0]['seconds']:.1f} s ({build[0]['isa']})"
+             if build else "")
+    return "\n".join(lines) + (f"\n\n*{how}, {c['threads']} threads{built}; "
+                               + machine_line(d)[1:])
 
 
 def beta_table(rel="perf/results/cpu/beta_study.json") -> str:
@@ -256,28 +273,20 @@ def summary_table() -> str:
                     f"({h['ratios']['table_fresh_over_floor']:.1f}× reading every `.grad`; "
                     f"torch fused {h['ratios']['torch_fused_over_table_fresh']:.1f}× more) | "
                     f"{where(h)} | [bench_host.json](perf/results/cpu/bench_host.json) |")
-    o = _load("perf/results/cpu/bench_offload.json")
+    o = _load(NATIVE_OFFLOAD)  # the newest ZeRO-Offload measurement (the native step)
     if o is not None:
-        rs = o["results"]
-        sr = [r["speedup_vs_deepspeed_cpu_adam"] for r in rs if r["provider"] == "tiedadam-bf16-sr"]
-        b16 = next(r for r in rs if r["provider"] == "tiedadam-bf16-sr")
-        f32 = next(r for r in rs if r["provider"] == "tiedadam")
-        rows.append(f"| ZeRO-Offload CPU step, bf16 moments (stochastic rounding) | "
-                    f"{b16['state_bytes_per_param']:.0f} B/param of host state (fp32 moments: "
-                    f"{f32['state_bytes_per_param']:.0f}); {min(sr):.2f}–{max(sr):.2f}× "
-                    f"DeepSpeedCPUAdam's speed | {where(o)} | [bench_offload.json]"
-                    f"(perf/results/cpu/bench_offload.json) |")
-    o8 = _load(RATIO8_OFFLOAD)
-    if o8 is not None:
-        rs = o8["results"]
-        r8 = [r for r in rs if r["provider"] == "tiedadam-ratio8-sr"]
-        if r8:
-            sp = {f"{r['numel'] / 1e6:.0f}M": r["speedup_vs_deepspeed_cpu_adam"] for r in r8}
-            rows.append(f"| ZeRO-Offload CPU step, ratio8 moments (stochastic rounding) | "
-                        f"{r8[0]['state_bytes_per_param']:.0f} B/param of host state; "
-                        + ", ".join(f"{v:.2f}× at {k}" for k, v in sp.items())
-                        + f" DeepSpeedCPUAdam's speed | {where(o8)} | [bench_offload.json]"
-                        f"({RATIO8_OFFLOAD}) |")
+        rs = [r for r in o["results"] if r["threads"] == max(x["threads"] for x in o["results"])]
+        for mode, label in (("tiedadam-bf16-sr", "bf16 moments"),
+                            ("tiedadam-ratio8-sr", "ratio8 moments")):
+            rr = [r for r in rs if r["provider"] == mode]
+            if rr:
+                sp = ", ".join(f"{r['speedup_vs_deepspeed_cpu_adam']:.2f}× at "
+                               f"{r['numel'] / 1e6:.0f}M" for r in rr)
+                rows.append(f"| ZeRO-Offload CPU step, {label} (stochastic rounding, native "
+                            f"step) | {rr[0]['state_bytes_per_param']:.0f} B/param of host "
+                            f"state (fp32 moments: 12); {sp} DeepSpeedCPUAdam's speed | "
+                            f"{where(o)}, {rr[0]['threads']} threads | [bench_offload.json]"
+                            f"({NATIVE_OFFLOAD}) |")
     r = _load(RATIO8)
     if r is not None:
         parts = []
@@ -347,6 +356,8 @@ BLOCKS = {
     "ratio8_study": ratio8_table,
     "cpu_offload": offload_table,
     "ratio8_offload": lambda: offload_table(RATIO8_OFFLOAD),
+    "native_offload": lambda: offload_table(NATIVE_OFFLOAD),
+    "native_offload_1t": lambda: offload_table(NATIVE_OFFLOAD_1T),
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),

@@ -62,12 +62,18 @@ inline IVec lowbias32(IVec x) {
 // 32 random bits for the elements base + [0, VS) (Note [cpu rng]): h = H(H(i ^ k_lo) ^ k_hi),
 // i the element index (xor-ed with its high word: Note [cpu index]), one more round for stream 1.
 inline IVec random_bits(int64_t base, int32_t k0, int32_t k1, bool stream1) {
-  alignas(64) int32_t lo[VS];
-  for (int64_t j = 0; j < VS; ++j) {
-    int64_t idx = base + j;
-    lo[j] = static_cast<int32_t>(idx ^ (idx >> 32));
+  IVec idx;
+  if (base + VS <= (int64_t{1} << 31)) {  // below 2**31 the index is its own low word
+    idx = IVec::arange(static_cast<int32_t>(base), 1);
+  } else {
+    alignas(64) int32_t lo[VS];
+    for (int64_t j = 0; j < VS; ++j) {
+      int64_t i = base + j;
+      lo[j] = static_cast<int32_t>(i ^ (i >> 32));
+    }
+    idx = IVec::loadu(lo);
   }
-  IVec h = lowbias32(IVec::loadu(lo) ^ IVec(k0));
+  IVec h = lowbias32(idx ^ IVec(k0));
   h = lowbias32(h ^ IVec(k1));
   if (stream1) h = lowbias32(h ^ IVec(kStream1));
   return h;

@@ -27,8 +27,8 @@ param rounded stochastically).
 
 Note [offload processes]: each provider runs in a process of its own (``--worker``), the
 providers alternating over ``--rounds`` rounds; in one process DeepSpeed's OpenMP runtime and
-torch's spin-wait against each other (rotating every provider in one process read DeepSpeed
-33 ms instead of 22-28 ms on this machine, and every ratio off by up to 2x). A provider's
+torch's spin-wait against each other, which distorts DeepSpeed's time and every ratio against
+it. A provider's
 figure is the median over rounds of each process's median step. ``--threads 2,1`` repeats
 everything at each thread count.
 

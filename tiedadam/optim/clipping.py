@@ -112,14 +112,14 @@ def _norm(grads: Sequence[Tensor], device: torch.device, like_torch: bool,
     accumulated and returned in fp32, or fp64 when a grad is fp64. ``scale``: AMP's loss
     scale, divided out of the per-tensor norms, which are then taken in fp64 (Note [global
     norm])."""
+    if like_torch and scale is None and _total_norm is not None:
+        return _total_norm(grads, 2.0)  # clip_grad_norm_'s own (its (device, dtype) order)
     by_kind: dict = {}
     for g in grads:
         by_kind.setdefault((g.device, g.dtype), []).append(g)
     wide = scale is not None or any(g.dtype == torch.float64 for g in grads)
     acc = torch.float64 if wide else torch.float32
     norms = []
-    if like_torch and scale is None and _total_norm is not None:
-        return _total_norm(grads, 2.0)  # clip_grad_norm_'s own (its (device, dtype) order)
     for (dev, dtype), ts in by_kind.items():
         if like_torch and scale is None:
             norms += [n.to(device, non_blocking=True) for n in _compat.foreach_norm(ts)]

@@ -128,18 +128,14 @@ struct Io<at::Half> {
 };
 
 template <>
-struct Io<int8_t> {  // ratio8 codes
+struct Io<int8_t> {  // ratio8 codes: whole numbers in [-127, 127], exact in every conversion
   static void load(const int8_t* p, Vec& a, Vec& b) {
-    alignas(64) float f[BLOCK];
-    for (int64_t j = 0; j < BLOCK; ++j) f[j] = static_cast<float>(p[j]);
-    a = Vec::loadu(f);
-    b = Vec::loadu(f + VS);
+    a = at::vec::convert<float>(at::vec::convert<int32_t>(Vectorized<int8_t>::loadu(p, VS)));
+    b = at::vec::convert<float>(at::vec::convert<int32_t>(Vectorized<int8_t>::loadu(p + VS, VS)));
   }
-  static void store(int8_t* p, const Vec& a, const Vec& b) {  // whole numbers in [-127, 127]
-    alignas(64) float f[BLOCK];
-    a.store(f);
-    b.store(f + VS);
-    for (int64_t j = 0; j < BLOCK; ++j) p[j] = static_cast<int8_t>(f[j]);
+  static void store(int8_t* p, const Vec& a, const Vec& b) {
+    at::vec::convert<int8_t>(a).store(p, VS);
+    at::vec::convert<int8_t>(b).store(p + VS, VS);
   }
 };
 

@@ -99,8 +99,8 @@ OPT_MODES = {
 @pytest.mark.parametrize("amp", [False, True])
 def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode, amp, monkeypatch):
     """Through TiedAdamW (backend "torch", the CPU route ZeRO-Offload takes) against the Triton
-    kernel in its interpreter, rounding to nearest: every size, AMP's scale with a skipped
-    overflow step, clipping, three steps."""
+    kernel in its interpreter, rounding to nearest: every size in one native call per step,
+    AMP's scale with a skipped overflow step, clipping, four steps."""
     kw = dict(OPT_MODES[mode])
     dtype = kw.pop("dtype")
     a = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in SIZES]
@@ -108,8 +108,9 @@ def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode, amp, monkeypatch)
     hyper = dict(lr=1e-2, beta=0.9, weight_decay=0.1, stochastic_rounding=False,
                  max_grad_norm=5.0, **kw)
     ta, tb = TiedAdamW(a, backend="torch", **hyper), TiedAdamW(b, backend="triton", **hyper)
-    ran, run = [], N.run
-    monkeypatch.setattr(N, "run", lambda *x, **k: ran.append(run(*x, **k)) or ran[-1])
+    ran, run = [], N.run_many
+    monkeypatch.setattr(N, "run_many",
+                        lambda *x, **k: ran.append((run(*x, **k), len(x[0]))) or ran[-1][0])
     for t in range(4):
         for x, y in zip(a, b):
             g = torch.randn(x.shape).to(dtype)
@@ -123,7 +124,8 @@ def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode, amp, monkeypatch)
                 o.grad_scale = torch.tensor(256.0)
                 o.found_inf = torch.tensor(1.0 if t == 2 else 0.0)
             o.step()
-    assert ran and all(ran)  # every tensor went through the native step
+    # one native call per step for all the group's tensors (none on the skipped step)
+    assert ran == [(True, len(SIZES))] * (3 if amp else 4)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
         for k in ta.state[x]:
@@ -196,3 +198,77 @@ def test_without_a_build_the_step_falls_back_with_one_warning(monkeypatch):
     msgs = [str(w.message) for w in caught if "native CPU step" in str(w.message)]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
     assert float(opt.state[ps[0]]["step"]) == 3.0 and torch.isfinite(ps[0]).all()
+
+
+TEL_MODES = {
+    "fp32": dict(dtype=torch.float32),  # telemetry takes fp32 tensors off torch's fused op
+    "bf16-state": dict(dtype=torch.float32, state_dtype="bfloat16"),
+    "ratio8": dict(dtype=torch.float32, state_dtype="ratio8"),
+    "bf16-master": dict(dtype=torch.bfloat16, master_weights=True),
+}
+TEL_TOL = {"grad_sq_sum": 1e-5, "update_sq_sum": 1e-5, "update_abs_max": 1e-6}
+
+
+@pytest.mark.parametrize("mode", TEL_MODES)
+def test_telemetry_in_the_native_pass_matches_the_kernel(mode, monkeypatch):
+    """TiedAdamW(telemetry=True) on the native step (Note [native telemetry]): one call per
+    step computes the rows in its pass; they equal the Triton kernel's (interpreter) within fp32
+    summation order, the counts exactly (the high-SNR count within one element of the
+    threshold), NaN/inf grads counted, and params and states stay bit for bit the kernel's. The
+    params' step counts differ (one joined two steps late: each tensor's own scalars)."""
+    kw = dict(TEL_MODES[mode])
+    dtype = kw.pop("dtype")
+    sizes = [1, 17, 1000, 70001]
+    a = [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    hyper = dict(lr=1e-2, beta=0.9, weight_decay=0.1, stochastic_rounding=False,
+                 telemetry=True, snr_threshold=0.3, **kw)
+    ta, tb = TiedAdamW(a, backend="torch", **hyper), TiedAdamW(b, backend="triton", **hyper)
+    calls, run = [], N.run_many
+    monkeypatch.setattr(N, "run_many", lambda *x, **k: calls.append(k["rows"] is not None)
+                        or run(*x, **k))
+    for t in range(4):
+        for i, (x, y) in enumerate(zip(a, b)):
+            g = (torch.randn(x.shape) * 10.0 ** torch.randint(-3, 2, ())).to(dtype)
+            if i == 2 and t == 3:
+                g[5], g[9] = float("nan"), float("inf")
+            x.grad, y.grad = (None, None) if i == 0 and t < 2 else (g.clone(), g.clone())
+        ta.step()
+        tb.step()
+        ra, rb = ta.telemetry(), tb.telemetry()
+        assert list(ra) == list(rb)
+        for name in ra:
+            for k, tol in TEL_TOL.items():
+                torch.testing.assert_close(ra[name][k], rb[name][k], rtol=tol, atol=0,
+                                           equal_nan=True, msg=f"{name}.{k} at step {t}")
+            assert float(ra[name]["nonfinite_grads"]) == float(rb[name]["nonfinite_grads"])
+            assert abs(float(ra[name]["high_snr_count"]) - float(rb[name]["high_snr_count"])) <= 1
+        assert float(ra["0.2"]["nonfinite_grads"]) == (2.0 if t == 3 else 0.0)
+    assert calls == [True] * 4
+    assert [float(ta.state[p]["step"]) for p in a] == [2.0, 4.0, 4.0, 4.0]
+    for x, y in zip(a, b):  # bit for bit, NaN where the NaN grad went
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        for k in ta.state[x]:
+            torch.testing.assert_close(ta.state[x][k], tb.state[y][k], rtol=0, atol=0,
+                                       equal_nan=True, msg=k)
+
+
+def test_a_tensor_the_native_step_cannot_take_is_refused_not_misread():
+    """The native entry checks every tensor it writes through (Note [native many]): a grad of
+    another size, a non-contiguous state, a wrong state dtype are errors naming the role, and
+    nothing is written."""
+    mod = N.load()
+    p, g = torch.randn(100), torch.randn(100)
+    m, v = torch.zeros(100, dtype=torch.bfloat16), torch.zeros(100, dtype=torch.bfloat16)
+    s = torch.cat([C.scalars(1e-2, 0.9, 1e-8, 0.0, 1.0), torch.tensor([0.1])])[None]
+    keys = torch.zeros(1, 2, dtype=torch.int32)
+    before = p.clone()
+    bad = [(dict(g=torch.randn(99)), "grad"),
+           (dict(m=torch.zeros(200, dtype=torch.bfloat16)[::2]), "exp_avg"),
+           (dict(v=torch.zeros(100)), "exp_avg_sq")]
+    for change, role in bad:
+        args = dict(p=p, g=g, m=m, v=v) | change
+        with pytest.raises(RuntimeError, match=role):
+            mod.step_many([args["p"]], [args["g"]], [args["m"]], [args["v"]], [None], s, keys,
+                          False, False, False, None, 0.0)
+        assert torch.equal(p, before)

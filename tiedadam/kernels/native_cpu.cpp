@@ -13,7 +13,28 @@
 // 16 with AVX2), the width of one Vectorized<BFloat16> load or store. The last partial block is
 // copied into zero-padded local buffers, stepped by the same code and copied back, so every
 // element of every size goes through one sequence of operations (no scalar tail that could
-// round differently). OpenMP (at::parallel_for) splits the tensor into ranges of whole blocks.
+// round differently). OpenMP (at::parallel_for) splits the work into ranges of whole blocks.
+//
+// Note [native many]
+// ------------------
+// ``step_many`` takes a param group's tensors in one call (a CPU multi-tensor apply, the way
+// torch's fused op takes lists): every tensor is cut into chunks of kChunkBlocks blocks (its
+// last partial block in its last chunk), and OpenMP runs over the chunks of all tensors, so
+// 2,000 small tensors cost one call and one parallel region, and one large tensor splits as
+// before. Each tensor brings its own scalars row (its step count may differ from its
+// neighbours') and rounding key. With telemetry, each chunk reduces its own partial row
+// (Note [native telemetry]) and the rows are summed per tensor in chunk order afterwards, so
+// the result does not depend on the thread count's split.
+//
+// Note [native telemetry]
+// -----------------------
+// TiedAdamW(telemetry=True)'s five fields (optim/telemetry.py) from the values the update just
+// used, in registers: g the unscaled, clipped grad; u = q / c (q the step's m / (sqrt(v) /
+// sqrt(c) + eps), c = 1 - beta^t); |m| / (sqrt(v) sqrt(c)) > threshold, with sqrt(v) = 0
+// counted as |m| > threshold (as torch_rows divides by 1 there); max |u| skips a NaN u (a NaN
+// grad's), as the kernel's max does, the grad's NaN showing in its count. Sums run in fp32 lanes for
+// kFlushBlocks blocks and are then added into fp64, so a 1e8-element tensor's sums keep fp32's
+// relative precision; counts are exact.
 
 #include <torch/extension.h>
 
@@ -23,7 +44,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <array>
 #include <cstring>
+#include <vector>
 #include <limits>
 
 namespace {
@@ -42,9 +66,45 @@ constexpr int32_t kStream1 = 0x632BE5AB;
 constexpr float kLevels = 127.0f;
 constexpr float kNoiseScale = 1.0f / 65536.0f;
 
-// The per-program scalars of tied_adamw_cpu.scalars(), in its order.
+// The per-program scalars of tied_adamw_cpu.scalars(), in its order (and c = 1 - beta^t, the
+// telemetry's, in step_many's twelfth column).
 struct Scalars {
-  float decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale, inv_bc_sqrt, clip, bound;
+  float decay, omb, beta, coef, step_size, bc_sqrt, eps, inv_scale, inv_bc_sqrt, clip, bound, c;
+};
+
+constexpr int64_t kChunkBlocks = 2048;  // Note [native many]
+constexpr int64_t kFlushBlocks = 64;    // Note [native telemetry]
+
+// One chunk's telemetry: fp32 lanes, flushed into the fp64 totals every kFlushBlocks blocks.
+struct Tel {
+  bool on = false;
+  float inv_c = 1.0f, sqrt_c = 1.0f, thr = 0.0f;
+  Vec gsq{0.0f}, usq{0.0f}, umax{0.0f}, bad{0.0f}, snr{0.0f};
+  double total[5] = {0.0, 0.0, 0.0, 0.0, 0.0};  // the TELEMETRY_FIELDS order
+  void add(const Vec& gu, const Vec& m, const Vec& sv, const Vec& q) {
+    gsq = gsq + gu * gu;
+    Vec u = q * Vec(inv_c);
+    usq = usq + u * u;
+    Vec au = u.abs();
+    umax = Vec::blendv(umax, au, au > umax);  // a NaN u is skipped, as the kernel's max does
+    Vec d = gu - gu;  // NaN exactly where gu is not finite
+    bad = bad + Vec::blendv(Vec(0.0f), Vec(1.0f), d != d);
+    Vec lim = Vec::blendv(Vec(thr), sv * Vec(sqrt_c) * Vec(thr), sv > Vec(0.0f));
+    snr = snr + Vec::blendv(Vec(0.0f), Vec(1.0f), m.abs() > lim);
+  }
+  void flush() {
+    auto sum = [](const Vec& x) {
+      return static_cast<double>(at::vec::vec_reduce_all<float>(
+          [](Vec& a, Vec& b) { return a + b; }, x));
+    };
+    total[0] += sum(gsq);
+    total[1] += sum(usq);
+    total[2] = std::max(total[2], static_cast<double>(at::vec::vec_reduce_all<float>(
+        [](Vec& a, Vec& b) { return Vec::blendv(a, b, b > a); }, umax)));
+    total[3] += sum(bad);
+    total[4] += sum(snr);
+    gsq = usq = umax = bad = snr = Vec(0.0f);
+  }
 };
 
 inline IVec shr(const IVec& x, int k) {  // logical shift right of int32 lanes
@@ -147,7 +207,7 @@ struct Flags {
 // One block: elements [base, base + BLOCK) of the tensor, at these pointers.
 template <typename P, typename M, typename V>
 inline void step_block(P* p, P* g, M* m, V* v, float* w, int64_t base, const Scalars& s,
-                       const Flags& f) {
+                       const Flags& f, Tel& tel) {
   Vec ga[2], pa[2], ma[2], va[2];
   Io<P>::load(g, ga[0], ga[1]);
   if (f.master) {
@@ -176,12 +236,14 @@ inline void step_block(P* p, P* g, M* m, V* v, float* w, int64_t base, const Sca
     Vec d = gu - mf;
     mf = (s.omb < 0.5f ? mf : gu) + Vec(s.coef) * d;  // torch's lerp_, as the kernel writes it
     vf = vf * Vec(s.beta) + (Vec(s.omb) * gu) * gu;
+    Vec sv = vf.sqrt();
     Vec q;
     if constexpr (std::is_same_v<M, int8_t>) {
-      q = mf / (vf.sqrt() * Vec(s.inv_bc_sqrt) + Vec(s.eps));
+      q = mf / (sv * Vec(s.inv_bc_sqrt) + Vec(s.eps));
     } else {
-      q = mf / (vf.sqrt() / Vec(s.bc_sqrt) + Vec(s.eps));
+      q = mf / (sv / Vec(s.bc_sqrt) + Vec(s.eps));
     }
+    if (tel.on) tel.add(gu, mf, sv, q);
     pf = pf - Vec(s.step_size) * q;
     IVec r(0);
     if (f.state_sr || f.param_sr) r = random_bits(base + h * VS, f.k0, f.k1, false);
@@ -226,7 +288,7 @@ inline void step_block(P* p, P* g, M* m, V* v, float* w, int64_t base, const Sca
 // The last partial block (Note [native blocks]): through zero-padded copies.
 template <typename P, typename M, typename V>
 void step_tail(P* p, P* g, M* m, V* v, float* w, int64_t base, int64_t n, const Scalars& s,
-               const Flags& f) {
+               const Flags& f, Tel& tel) {
   P pb[BLOCK], gb[BLOCK];
   M mb[BLOCK];
   V vb[BLOCK];
@@ -241,7 +303,7 @@ void step_tail(P* p, P* g, M* m, V* v, float* w, int64_t base, int64_t n, const 
   std::memcpy(mb, m, n * sizeof(M));
   std::memcpy(vb, v, n * sizeof(V));
   if (f.master) std::memcpy(wb, w, n * sizeof(float));
-  step_block<P, M, V>(pb, gb, mb, vb, wb, base, s, f);
+  step_block<P, M, V>(pb, gb, mb, vb, wb, base, s, f, tel);  // padding adds 0 to every field
   std::memcpy(p, pb, n * sizeof(P));
   std::memcpy(m, mb, n * sizeof(M));
   std::memcpy(v, vb, n * sizeof(V));
@@ -249,67 +311,182 @@ void step_tail(P* p, P* g, M* m, V* v, float* w, int64_t base, int64_t n, const 
   if (f.has_scale) std::memcpy(g, gb, n * sizeof(P));
 }
 
+// One tensor of a step: its storage, scalars, rounding key and where its telemetry goes.
+struct Job {
+  void *p, *g, *m, *v;
+  float* w;
+  bool master;
+  int64_t n;
+  Scalars s;
+  int32_t k0, k1;
+  void (*run)(const Job&, int64_t, int64_t, const Flags&, Tel&);  // blocks [b0, b1)
+};
+
+// Blocks [b0, b1) of one tensor; block n / BLOCK, when n is not a multiple of BLOCK, is the
+// zero-padded tail (Note [native blocks]).
 template <typename P, typename M, typename V>
-void step_typed(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
-                const at::Tensor& v, const c10::optional<at::Tensor>& w, const Scalars& s,
-                const Flags& f) {
-  const int64_t n = p.numel();
-  P* pp = p.data_ptr<P>();
-  P* gp = g.data_ptr<P>();
-  M* mp = m.data_ptr<M>();
-  V* vp = v.data_ptr<V>();
-  float* wp = f.master ? w->data_ptr<float>() : nullptr;
-  const int64_t blocks = n / BLOCK;
-  // ranges of at least 2048 blocks per thread: below that a thread costs more than it saves
-  at::parallel_for(0, blocks, 2048, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b * BLOCK;
-      step_block<P, M, V>(pp + i, gp + i, mp + i, vp + i, wp ? wp + i : nullptr, i, s, f);
+void run_blocks(const Job& j, int64_t b0, int64_t b1, const Flags& flags, Tel& tel) {
+  P* pp = static_cast<P*>(j.p);
+  P* gp = static_cast<P*>(j.g);
+  M* mp = static_cast<M*>(j.m);
+  V* vp = static_cast<V*>(j.v);
+  Flags f = flags;
+  f.k0 = j.k0;
+  f.k1 = j.k1;
+  const int64_t full = j.n / BLOCK;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t i = b * BLOCK;
+    float* w = j.w ? j.w + i : nullptr;
+    if (b < full) {
+      step_block<P, M, V>(pp + i, gp + i, mp + i, vp + i, w, i, j.s, f, tel);
+    } else {
+      step_tail<P, M, V>(pp + i, gp + i, mp + i, vp + i, w, i, j.n - i, j.s, f, tel);
     }
-  });
-  const int64_t i = blocks * BLOCK;
-  if (i < n) {
-    step_tail<P, M, V>(pp + i, gp + i, mp + i, vp + i, wp ? wp + i : nullptr, i, n - i, s, f);
+    if (tel.on && (b - b0) % kFlushBlocks == kFlushBlocks - 1) tel.flush();
   }
+  if (tel.on) tel.flush();
 }
 
 template <typename P>
-void step_param(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
-                const at::Tensor& v, const c10::optional<at::Tensor>& w, const Scalars& s,
-                const Flags& f) {
-  switch (m.scalar_type()) {
+auto pick_moments(at::ScalarType m) -> void (*)(const Job&, int64_t, int64_t, const Flags&, Tel&) {
+  switch (m) {
     case at::kFloat:
-      return step_typed<P, float, float>(p, g, m, v, w, s, f);
+      return &run_blocks<P, float, float>;
     case at::kBFloat16:
-      return step_typed<P, at::BFloat16, at::BFloat16>(p, g, m, v, w, s, f);
+      return &run_blocks<P, at::BFloat16, at::BFloat16>;
     case at::kChar:
-      return step_typed<P, int8_t, at::BFloat16>(p, g, m, v, w, s, f);
+      return &run_blocks<P, int8_t, at::BFloat16>;
     default:
-      TORCH_CHECK(false, "tiedadam native CPU step: exp_avg dtype ", m.scalar_type());
+      TORCH_CHECK(false, "tiedadam native CPU step: exp_avg dtype ", m);
   }
+}
+
+auto pick(const at::Tensor& p, const at::Tensor& m)
+    -> void (*)(const Job&, int64_t, int64_t, const Flags&, Tel&) {
+  switch (p.scalar_type()) {
+    case at::kFloat:
+      return pick_moments<float>(m.scalar_type());
+    case at::kBFloat16:
+      return pick_moments<at::BFloat16>(m.scalar_type());
+    case at::kHalf:
+      return pick_moments<at::Half>(m.scalar_type());
+    default:
+      TORCH_CHECK(false, "tiedadam native CPU step: param dtype ", p.scalar_type());
+  }
+}
+
+// The storage checks the loop's raw pointers rely on (the caller verified them too:
+// optim/verify.py; a wrong tensor here must be an error, never a stray write).
+void check_tensor(const at::Tensor& t, const at::Tensor& p, c10::ScalarType dtype,
+                  const char* role) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.numel() == p.numel() &&
+                  t.scalar_type() == dtype,
+              "tiedadam native CPU step: ", role, " must be a contiguous CPU ", dtype,
+              " tensor of ", p.numel(), " elements, got ", t.scalar_type(), " ", t.sizes(),
+              t.is_contiguous() ? "" : " (not contiguous)");
 }
 
 }  // namespace
 
-// One step of one flat, contiguous CPU tensor, in place (the caller has verified layouts and
-// dtypes: optim/verify.py). ``s``: fp32 [11] = tied_adamw_cpu.scalars(); ``keys``: the
-// rounding key (k_lo, k_hi) as int32 [2].
+// One step of a param group's CPU tensors, in place (Note [native many]). Lists of equal
+// length: params, grads, exp_avgs, exp_avg_sqs, masters (undefined tensors where none: then
+// every entry is); ``s``: fp32 [N, 12] = tied_adamw_cpu.scalars() per tensor plus c = 1 -
+// beta^t; ``keys``: int32 [N, 2], each tensor's rounding key (k_lo, k_hi); ``tel``: fp32
+// [N, 5] rows to overwrite with the telemetry fields (an undefined tensor: none computed).
+void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
+               std::vector<at::Tensor> m, std::vector<at::Tensor> v,
+               std::vector<c10::optional<at::Tensor>> w, at::Tensor s, at::Tensor keys,
+               bool has_scale, bool state_sr, bool param_sr, c10::optional<at::Tensor> tel,
+               double snr_threshold) {
+  const int64_t n = static_cast<int64_t>(p.size());
+  TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
+                  w.size() == p.size(),
+              "tiedadam native CPU step: lists of different lengths");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
+                  s.size(0) == n && s.size(1) == 12,
+              "tiedadam native CPU step: scalars must be fp32 [", n, ", 12]");
+  TORCH_CHECK(keys.scalar_type() == at::kInt && keys.is_contiguous() && keys.dim() == 2 &&
+                  keys.size(0) == n && keys.size(1) == 2,
+              "tiedadam native CPU step: keys must be int32 [", n, ", 2]");
+  const bool telemetry = tel.has_value() && tel->defined();
+  if (telemetry) {
+    TORCH_CHECK(tel->scalar_type() == at::kFloat && tel->is_contiguous() && tel->dim() == 2 &&
+                    tel->size(0) == n && tel->size(1) == 5,
+                "tiedadam native CPU step: tel must be fp32 [", n, ", 5]");
+  }
+  const float* sp = s.data_ptr<float>();
+  const int32_t* kp = keys.data_ptr<int32_t>();
+  std::vector<Job> jobs(n);
+  std::vector<std::array<int64_t, 3>> chunks;  // (job, first block, end block)
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& pi = p[i];
+    TORCH_CHECK(pi.device().is_cpu() && pi.is_contiguous(),
+                "tiedadam native CPU step: params must be contiguous CPU tensors");
+    const bool master = w[i].has_value() && w[i]->defined();
+    check_tensor(g[i], pi, pi.scalar_type(), "grad");
+    const auto md = m[i].scalar_type();
+    check_tensor(m[i], pi, md, "exp_avg");
+    check_tensor(v[i], pi, md == at::kChar ? at::kBFloat16 : md, "exp_avg_sq");
+    if (master) check_tensor(*w[i], pi, at::kFloat, "master");
+    const float* r = sp + 12 * i;
+    jobs[i] = Job{pi.data_ptr(), g[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
+                  master ? w[i]->data_ptr<float>() : nullptr, master, pi.numel(),
+                  Scalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                          r[11]},
+                  kp[2 * i], kp[2 * i + 1], pick(pi, m[i])};
+    const int64_t blocks = (pi.numel() + BLOCK - 1) / BLOCK;
+    for (int64_t b = 0; b < blocks; b += kChunkBlocks) {
+      chunks.push_back({i, b, std::min(blocks, b + kChunkBlocks)});
+    }
+  }
+  // Every tensor has masters or none (one param group's mode); only the flag is shared.
+  Flags flags{n > 0 && w[0].has_value() && w[0]->defined(), has_scale, state_sr, param_sr, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(jobs[i].master == flags.master,
+                "tiedadam native CPU step: masters for some tensors of a call and not others");
+  }
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<std::array<double, 5>> partial(telemetry ? nc : 0);
+  // one chunk per task: a chunk is at least 2048 blocks' work, or a whole small tensor
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Job& j = jobs[chunks[c][0]];
+      Tel t;
+      if (telemetry) {
+        t.on = true;
+        t.inv_c = 1.0f / j.s.c;
+        t.sqrt_c = std::sqrt(j.s.c);
+        t.thr = static_cast<float>(snr_threshold);
+      }
+      j.run(j, chunks[c][1], chunks[c][2], flags, t);
+      if (telemetry) std::copy(t.total, t.total + 5, partial[c].begin());
+    }
+  });
+  if (telemetry) {  // per tensor, in chunk order (Note [native many])
+    std::vector<std::array<double, 5>> rows(n, {0.0, 0.0, 0.0, 0.0, 0.0});
+    for (int64_t c = 0; c < nc; ++c) {
+      auto& r = rows[chunks[c][0]];
+      const auto& q = partial[c];
+      r[0] += q[0];
+      r[1] += q[1];
+      r[2] = std::max(r[2], q[2]);
+      r[3] += q[3];
+      r[4] += q[4];
+    }
+    float* out = tel->data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int k = 0; k < 5; ++k) out[5 * i + k] = static_cast<float>(rows[i][k]);
+    }
+  }
+}
+
+// One step of one flat, contiguous CPU tensor, in place: step_many of one tensor. ``s``: fp32
+// [11] = tied_adamw_cpu.scalars(); ``keys``: the rounding key (k_lo, k_hi) as int32 [2].
 void step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, c10::optional<at::Tensor> w,
           at::Tensor s, at::Tensor keys, bool has_scale, bool state_sr, bool param_sr) {
-  const float* sp = s.data_ptr<float>();
-  Scalars sc{sp[0], sp[1], sp[2], sp[3], sp[4], sp[5], sp[6], sp[7], sp[8], sp[9], sp[10]};
-  const int32_t* kp = keys.data_ptr<int32_t>();
-  Flags f{w.has_value(), has_scale, state_sr, param_sr, kp[0], kp[1]};
-  switch (p.scalar_type()) {
-    case at::kFloat:
-      return step_param<float>(p, g, m, v, w, sc, f);
-    case at::kBFloat16:
-      return step_param<at::BFloat16>(p, g, m, v, w, sc, f);
-    case at::kHalf:
-      return step_param<at::Half>(p, g, m, v, w, sc, f);
-    default:
-      TORCH_CHECK(false, "tiedadam native CPU step: param dtype ", p.scalar_type());
-  }
+  at::Tensor s12 = at::cat({s.reshape({1, 11}), at::ones({1, 1}, s.options())}, 1);
+  step_many({p}, {g}, {m}, {v}, {w}, s12, keys.reshape({1, 2}).contiguous(), has_scale,
+            state_sr, param_sr, c10::nullopt, 0.0);
 }
 
 // The random bits of elements [base, base + n) (tests: the index path past 2**31, Note [cpu
@@ -329,6 +506,7 @@ int64_t vector_floats() { return VS; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("step", &step, "one tied-AdamW step of a flat CPU tensor, in place");
+  mod.def("step_many", &step_many, "one tied-AdamW step of a param group's CPU tensors");
   mod.def("vector_floats", &vector_floats);
   mod.def("bits", &bits, "the random bits of a window of element indices (tests)");
 }

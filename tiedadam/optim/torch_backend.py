@@ -12,6 +12,7 @@ stochastically.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -50,7 +51,8 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                      grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                      keys: Sequence[int] | None = None, state_sr: bool = False,
                      param_sr: bool = False, clip: Tensor | None = None,
-                     clip_buffer=None, moments: dict | None = None) -> None:
+                     clip_buffer=None, moments: dict | None = None,
+                     rows: Tensor | None = None, snr_threshold: float = 0.0) -> set[int]:
     """One step for one param group. ``state_steps`` must already hold t. ``keys`` (one per
     tensor: mix(stream key, t), Note [torch rng]) are needed when rounding stochastically. With
     ``grad_scale`` the grads hold their unscaled values afterwards (unless ``found_inf``), as
@@ -63,14 +65,19 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     ``moments``: a dict that receives {i: (m, v)}, the fp32 moments the update of tensor i
     read, before the state's rounding (telemetry describes the update applied); those with
     bf16 or ratio8 moments then step through torch ops on fp32 copies, where the moments exist
-    unrounded."""
+    unrounded, unless the native CPU step takes them: with ``rows`` (fp32 [len(params), 5],
+    telemetry on), the tensors it steps get their telemetry rows computed in its pass (Note
+    [native telemetry] in kernels/native_cpu.cpp), fp32 ones included (one pass instead of
+    torch's fused op and the rows' own passes). Returns the indices whose rows were written."""
     if not params:
-        return
+        return set()
     exact = (torch.float32, torch.float64)  # moments stored as the update reads them
+    native = _native_takes(params, grads, exp_avgs, exp_avg_sqs, masters)
     plain = [i for i, p in enumerate(params)
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
              and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)
-             and (moments is None or p.dtype in exact)]
+             and (moments is None or p.dtype in exact)
+             and not (rows is not None and i in native)]
     divisor = None
     if clip is not None and grad_scale is not None:
         # Clipping multiplies the unscaled grads: unscale first. The fused op's own grads in
@@ -95,11 +102,26 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
                             [exp_avgs[i] for i in plain], [exp_avg_sqs[i] for i in plain], [],
                             [state_steps[i] for i in plain], **kw)
     if len(plain) == len(params):
-        return
+        return set()
     other = sorted(set(range(len(params))) - set(plain))
+    written: set[int] = set()
     if params[other[0]].device.type == "cpu":
         if found_inf is not None and float(found_inf) != 0:
-            return  # a skipped step changes nothing (a CPU tensor: no sync to read it)
+            return written  # a skipped step changes nothing (a CPU tensor: no sync to read it)
+        taken = [i for i in other if i in native]
+        if taken and _native_cpu_steps(
+                [params[i] for i in taken], [grads[i] for i in taken],
+                [exp_avgs[i] for i in taken], [exp_avg_sqs[i] for i in taken],
+                [masters[i] for i in taken], [state_steps[i] for i in taken],
+                lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                keys=[keys[i] for i in taken] if keys else None, state_sr=state_sr,
+                param_sr=param_sr, clip=clip, rows=rows, rows_at=taken,
+                snr_threshold=snr_threshold):
+            other = [i for i in other if i not in native]
+            if rows is not None:
+                written.update(taken)
+        if not other:
+            return written
         other = [i for i in other if (moments is not None and exp_avgs[i].dtype not in exact)
                  or not _compiled_cpu_step(
             params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], state_steps[i],
@@ -107,7 +129,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             found_inf=found_inf, key=keys[i] if keys else 0, state_sr=state_sr,
             param_sr=param_sr, clip=clip)]
         if not other:
-            return
+            return written
     # fp32 working copies: the master weight when there is one, else the upcast param.
     work = [masters[i] if masters[i] is not None else params[i].float() for i in other]
     m32 = [ratio8.decode(exp_avgs[i], exp_avg_sqs[i]) if exp_avgs[i].dtype == torch.int8
@@ -150,38 +172,113 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
             else:
                 exp_avgs[i].copy_(m32[j])
                 exp_avg_sqs[i].copy_(v32[j])
+    return written
+
+
+_NATIVE_PARAMS = (torch.float32, torch.bfloat16, torch.float16)
+_NATIVE_MOMENTS = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
+                   torch.int8: torch.bfloat16}  # exp_avg dtype -> exp_avg_sq dtype
+
+
+def _native_takes(params, grads, exp_avgs, exp_avg_sqs, masters) -> set[int]:
+    """The indices the native CPU step can take (kernels/native_cpu.cpp checks the same again):
+    contiguous CPU tensors of the layouts it walks, with the native step built."""
+    if not USE_NATIVE_CPU_STEP or params[0].device.type != "cpu":
+        return set()
+    out = set()
+    for i, p in enumerate(params):
+        m, v, w = exp_avgs[i], exp_avg_sqs[i], masters[i]
+        ts = (p, grads[i], m, v) if w is None else (p, grads[i], m, v, w)
+        if (p.dtype in _NATIVE_PARAMS and grads[i].dtype == p.dtype
+                and _NATIVE_MOMENTS.get(m.dtype) == v.dtype
+                and (w is None or w.dtype == torch.float32)
+                and all(t.is_contiguous() and t.numel() == p.numel() for t in ts)):
+            out.add(i)
+    if out:
+        from ..kernels import native_cpu as N
+        if N.load() is None:
+            return set()
+    return out
+
+
+def _native_cpu_steps(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *, lr,
+                      beta: float, eps: float, weight_decay: float, grad_scale: Tensor | None,
+                      keys: Sequence[int] | None, state_sr: bool, param_sr: bool,
+                      clip: Tensor | None, rows: Tensor | None, rows_at: Sequence[int],
+                      snr_threshold: float) -> bool:
+    """CPU tensors of one param group through one native call (Note [native many] in
+    kernels/native_cpu.cpp); the step already counted and not skipped. Telemetry rows, with
+    ``rows``, go to ``rows[rows_at[k]]``. Masters: all or none (one group's mode), else the
+    tensors are split into the two calls."""
+    from ..kernels import native_cpu as N
+    from ..kernels import tied_adamw_cpu as C
+    with_w = [k for k, w in enumerate(masters) if w is not None]
+    if with_w and len(with_w) < len(masters):  # pragma: no cover - one group holds one mode
+        without = [k for k, w in enumerate(masters) if w is None]
+        return all(_native_cpu_steps(
+            *[[x[k] for k in part] for x in (params, grads, exp_avgs, exp_avg_sqs, masters,
+                                             steps)],
+            lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+            keys=None if keys is None else [keys[k] for k in part], state_sr=state_sr,
+            param_sr=param_sr, clip=clip, rows=rows, rows_at=[rows_at[k] for k in part],
+            snr_threshold=snr_threshold) for part in (with_w, without))
+    inv_scale = 1.0 if grad_scale is None else float(1.0 / grad_scale.float())
+    clip_f = 1.0 if clip is None else float(clip)
+    lr_f = float(lr)
+    by_step: dict[float, Tensor] = {}  # the scalars of each step count present (Note [native many])
+    table = []
+    for t in steps:
+        t = float(t)
+        if t not in by_step:
+            c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+            by_step[t] = torch.cat([C.scalars(lr_f, beta, eps, weight_decay, t, inv_scale,
+                                              clip_f), torch.tensor([c], dtype=torch.float32)])
+        table.append(by_step[t])
+    s = torch.stack(table)
+    k = [0] * len(params) if keys is None else keys
+    keys_t = torch.tensor([[_i32(x & 0xFFFFFFFF), _i32(x >> 32)] for x in k], dtype=torch.int32)
+    out = None if rows is None else torch.empty(len(params), rows.shape[1])
+    ok = N.run_many([p.view(-1) for p in params], [g.view(-1) for g in grads],
+                    [m.view(-1) for m in exp_avgs], [v.view(-1) for v in exp_avg_sqs],
+                    [None if w is None else w.view(-1) for w in masters], s, keys_t,
+                    has_scale=grad_scale is not None, state_sr=state_sr, param_sr=param_sr,
+                    rows=out, snr_threshold=snr_threshold)
+    if ok and rows is not None:
+        rows[list(rows_at)] = out.to(rows.device)
+    return ok
+
+
+def _i32(x: int) -> int:
+    """An unsigned 32-bit word as the int32 with its bits."""
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
 def _compiled_cpu_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None,
                        step: Tensor, *, lr, beta: float, eps: float, weight_decay: float,
                        grad_scale: Tensor | None, found_inf: Tensor | None, key: int,
                        state_sr: bool, param_sr: bool, clip: Tensor | None = None) -> bool:
-    """One CPU tensor through a one-pass step: the native loop (kernels/native_cpu.cpp), else
-    the compiled one (kernels/tied_adamw_cpu.py); False when neither can take it (a layout they
-    do not walk, or nothing built: torch ops then)."""
-    if not (USE_NATIVE_CPU_STEP or USE_COMPILED_CPU_STEP) or not (
+    """One CPU tensor through the compiled one-pass step (kernels/tied_adamw_cpu.py), where the
+    native one cannot take it; False when it cannot either (a layout it does not walk, no
+    build: torch ops then)."""
+    if not USE_COMPILED_CPU_STEP or not (
             p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
             and v.is_contiguous()):
         return False
-    from ..kernels import native_cpu as N
     from ..kernels import tied_adamw_cpu as C
-    native = USE_NATIVE_CPU_STEP and N.load() is not None
     # dynamo specialises sizes 0 and 1 even under dynamic=True: one more compile each, for
     # tensors where one pass over memory buys nothing
-    if not native and (not USE_COMPILED_CPU_STEP or p.numel() <= 1
-                       or not C.compiled_available()):
+    if p.numel() <= 1 or not C.compiled_available():
         return False
     if found_inf is not None and float(found_inf) != 0:
         return True  # AMP: a step with non-finite grads changes nothing (the count is undone)
     inv_scale = 1.0 if grad_scale is None else float(1.0 / grad_scale.float())
     s = C.scalars(float(lr), beta, eps, weight_decay, float(step), inv_scale,
                   1.0 if clip is None else float(clip))
-    k = (key & 0xFFFFFFFF, key >> 32)
-    keys = torch.tensor([x - (1 << 32) if x >= 1 << 31 else x for x in k], dtype=torch.int32)
+    keys = torch.tensor([_i32(key & 0xFFFFFFFF), _i32(key >> 32)], dtype=torch.int32)
     args = (p.view(-1), g.view(-1), m.view(-1), v.view(-1), None if w is None else w.view(-1),
             s, keys)
     flags = dict(has_scale=grad_scale is not None, state_sr=state_sr, param_sr=param_sr)
-    return N.run(*args, **flags) if native else C.run(*args, **flags)
+    return C.run(*args, **flags)
 
 
 # TIEDADAM_CPU_NATIVE=0 / TIEDADAM_CPU_COMPILE=0 keep CPU tensors off the native / compiled
@@ -223,31 +320,40 @@ class TorchBackend:
             keys = None
             if b.state_sr or b.param_sr:
                 keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
-            moments = None if b.telemetry is None else {}
-            torch_tied_adamw([b.params[i] for i in idx], [b.grads[i] for i in idx],
-                             [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
-                             [b.masters[i] for i in idx], [b.steps[i] for i in idx],
-                             lr=group["lr"], beta=group["beta"], eps=eps,
-                             weight_decay=weight_decay, grad_scale=scale, found_inf=inf,
-                             keys=keys, state_sr=b.state_sr, param_sr=b.param_sr, clip=coef,
-                             clip_buffer=None if coef is None else (
-                                 lambda k, idx=idx: b.clip_buffer(idx[k])), moments=moments)
+            moments = rows = None
+            if b.telemetry is not None:
+                moments = {}
+                rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)
+            written = torch_tied_adamw(
+                [b.params[i] for i in idx], [b.grads[i] for i in idx],
+                [b.exp_avgs[i] for i in idx], [b.exp_avg_sqs[i] for i in idx],
+                [b.masters[i] for i in idx], [b.steps[i] for i in idx],
+                lr=group["lr"], beta=group["beta"], eps=eps, weight_decay=weight_decay,
+                grad_scale=scale, found_inf=inf, keys=keys, state_sr=b.state_sr,
+                param_sr=b.param_sr, clip=coef,
+                clip_buffer=None if coef is None else (
+                    lambda k, idx=idx: b.clip_buffer(idx[k])),
+                moments=moments, rows=rows, snr_threshold=snr_threshold)
             if b.telemetry is not None:
                 from .telemetry import torch_rows
-                rows = torch.zeros(len(idx), TELEMETRY_WIDTH, device=b.device)
                 # The grads are unscaled now, except on a skipped (found_inf) step; the
                 # update read them clipped (by coef), which the rows describe.
                 one = torch.ones((), device=b.device)
                 still = None if scale is None else torch.where(inf != 0, scale, one)
                 if coef is not None:
                     still = torch.where(inf != 0, one if still is None else still, 1.0 / coef)
-                # the moments the update read (a skipped step: the state, unchanged)
-                mv = [moments.get(k, (b.exp_avgs[i], b.exp_avg_sqs[i]))
-                      for k, i in enumerate(idx)]
-                torch_rows(rows, [b.grads[i] for i in idx], [m for m, _ in mv],
-                           [v for _, v in mv], [b.steps[i] for i in idx],
-                           beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
-                           grad_scale=still)
+                # the moments the update read (a skipped step: the state, unchanged); the
+                # native pass wrote its tensors' rows already
+                rest = [k for k in range(len(idx)) if k not in written]
+                if rest:
+                    mv = [moments.get(k, (b.exp_avgs[idx[k]], b.exp_avg_sqs[idx[k]]))
+                          for k in rest]
+                    part = torch.zeros(len(rest), TELEMETRY_WIDTH, device=b.device)
+                    torch_rows(part, [b.grads[idx[k]] for k in rest], [m for m, _ in mv],
+                               [v for _, v in mv], [b.steps[idx[k]] for k in rest],
+                               beta=group["beta"], eps=eps, snr_threshold=snr_threshold,
+                               grad_scale=still)
+                    rows[rest] = part
                 if inf is not None:  # nothing was updated: only the grad fields are meaningful
                     rows[:, 1:3] *= (inf == 0)
                     rows[:, 4] *= (inf == 0)

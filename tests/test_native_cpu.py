@@ -110,7 +110,7 @@ def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode, amp, monkeypatch)
     ta, tb = TiedAdamW(a, backend="torch", **hyper), TiedAdamW(b, backend="triton", **hyper)
     ran, run = [], N.run_many
     monkeypatch.setattr(N, "run_many",
-                        lambda *x, **k: ran.append((run(*x, **k), len(x[0]))) or ran[-1][0])
+                        lambda *x, **k: ran.append(run(*x, **k)) or ran[-1])
     for t in range(4):
         for x, y in zip(a, b):
             g = torch.randn(x.shape).to(dtype)
@@ -125,7 +125,8 @@ def test_nearest_rounding_matches_the_kernel_bit_for_bit(mode, amp, monkeypatch)
                 o.found_inf = torch.tensor(1.0 if t == 2 else 0.0)
             o.step()
     # one native call per step for all the group's tensors (none on the skipped step)
-    assert ran == [(True, len(SIZES))] * (3 if amp else 4)
+    assert len(ran) == (3 if amp else 4) and all(bool(r.all()) and len(r) == len(SIZES)
+                                                 for r in ran)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
         for k in ta.state[x]:
@@ -253,22 +254,32 @@ def test_telemetry_in_the_native_pass_matches_the_kernel(mode, monkeypatch):
                                        equal_nan=True, msg=k)
 
 
-def test_a_tensor_the_native_step_cannot_take_is_refused_not_misread():
-    """The native entry checks every tensor it writes through (Note [native many]): a grad of
-    another size, a non-contiguous state, a wrong state dtype are errors naming the role, and
-    nothing is written."""
+def test_the_native_entry_checks_what_it_writes_through():
+    """The native entry checks every tensor before the first write (Note [native many]): a
+    size that disagrees with the param is an error naming the role and nothing is written; a
+    layout or dtype set the loop does not walk (a non-contiguous state, fp64, a state dtype
+    that does not pair) is left untouched and reported as not taken, for the next route."""
     mod = N.load()
     p, g = torch.randn(100), torch.randn(100)
     m, v = torch.zeros(100, dtype=torch.bfloat16), torch.zeros(100, dtype=torch.bfloat16)
     s = torch.cat([C.scalars(1e-2, 0.9, 1e-8, 0.0, 1.0), torch.tensor([0.1])])[None]
     keys = torch.zeros(1, 2, dtype=torch.int32)
+
+    def call(**change):
+        a = dict(p=p, g=g, m=m, v=v, w=None) | change
+        return mod.step_many([a["p"]], [a["g"]], [a["m"]], [a["v"]], [a["w"]], s, keys,
+                             False, False, False, None, 0.0)
+
     before = p.clone()
-    bad = [(dict(g=torch.randn(99)), "grad"),
-           (dict(m=torch.zeros(200, dtype=torch.bfloat16)[::2]), "exp_avg"),
-           (dict(v=torch.zeros(100)), "exp_avg_sq")]
-    for change, role in bad:
-        args = dict(p=p, g=g, m=m, v=v) | change
+    for change, role in [(dict(g=torch.randn(99)), "grad"),
+                         (dict(m=torch.zeros(101, dtype=torch.bfloat16)), "exp_avg"),
+                         (dict(w=torch.zeros(7)), "master")]:
         with pytest.raises(RuntimeError, match=role):
-            mod.step_many([args["p"]], [args["g"]], [args["m"]], [args["v"]], [None], s, keys,
-                          False, False, False, None, 0.0)
+            call(**change)
         assert torch.equal(p, before)
+    for change in [dict(m=torch.zeros(200, dtype=torch.bfloat16)[::2]),
+                   dict(p=p.double(), g=g.double()), dict(v=torch.zeros(100)),
+                   dict(g=g.bfloat16())]:
+        assert call(**change).tolist() == [False]
+        assert torch.equal(p, before)
+    assert call().tolist() == [True] and not torch.equal(p, before)

@@ -269,7 +269,8 @@ inline void step_block(P* p, P* g, M* m, V* v, float* w, int64_t base, const Sca
       mn[h] = x;
     }
     if (f.param_sr) {  // pure bf16: the param's own 16 bits (stream 1)
-      IVec r1 = random_bits(base + h * VS, f.k0, f.k1, true) & IVec(0xFFFF);
+      // random_bits(..., stream1): one more round over the bits r already holds
+      IVec r1 = lowbias32(r ^ IVec(kStream1)) & IVec(0xFFFF);
       pn[h] = round_bf16(pf, &r1);
     } else if constexpr (std::is_same_v<P, at::BFloat16>) {
       pn[h] = round_bf16(pf, nullptr);  // to nearest even, torch's bits
@@ -331,6 +332,7 @@ void run_blocks(const Job& j, int64_t b0, int64_t b1, const Flags& flags, Tel& t
   M* mp = static_cast<M*>(j.m);
   V* vp = static_cast<V*>(j.v);
   Flags f = flags;
+  f.master = j.master;
   f.k0 = j.k0;
   f.k1 = j.k1;
   const int64_t full = j.n / BLOCK;
@@ -361,43 +363,58 @@ auto pick_moments(at::ScalarType m) -> void (*)(const Job&, int64_t, int64_t, co
   }
 }
 
-auto pick(const at::Tensor& p, const at::Tensor& m)
+// The loop for this tensor set's storage, or nullptr where it walks none (the caller's
+// next route takes the tensor): contiguous CPU tensors, the grad in the param's dtype, moments
+// fp32/fp32, bf16/bf16 or int8/bf16 (ratio8), an fp32 master.
+auto pick(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+          const c10::optional<at::Tensor>& w)
     -> void (*)(const Job&, int64_t, int64_t, const Flags&, Tel&) {
+  const bool master = w.has_value() && w->defined();
+  for (const at::Tensor* t : {&p, &g, &m, &v}) {
+    if (!t->device().is_cpu() || !t->is_contiguous()) return nullptr;
+  }
+  if (master && (!w->device().is_cpu() || !w->is_contiguous() ||
+                 w->scalar_type() != at::kFloat)) {
+    return nullptr;
+  }
+  const auto md = m.scalar_type();
+  if (g.scalar_type() != p.scalar_type() ||
+      v.scalar_type() != (md == at::kChar ? at::kBFloat16 : md)) {
+    return nullptr;
+  }
   switch (p.scalar_type()) {
     case at::kFloat:
-      return pick_moments<float>(m.scalar_type());
+      return pick_moments<float>(md);
     case at::kBFloat16:
-      return pick_moments<at::BFloat16>(m.scalar_type());
+      return pick_moments<at::BFloat16>(md);
     case at::kHalf:
-      return pick_moments<at::Half>(m.scalar_type());
+      return pick_moments<at::Half>(md);
     default:
-      TORCH_CHECK(false, "tiedadam native CPU step: param dtype ", p.scalar_type());
+      return nullptr;
   }
 }
 
-// The storage checks the loop's raw pointers rely on (the caller verified them too:
-// optim/verify.py; a wrong tensor here must be an error, never a stray write).
-void check_tensor(const at::Tensor& t, const at::Tensor& p, c10::ScalarType dtype,
-                  const char* role) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.numel() == p.numel() &&
-                  t.scalar_type() == dtype,
-              "tiedadam native CPU step: ", role, " must be a contiguous CPU ", dtype,
-              " tensor of ", p.numel(), " elements, got ", t.scalar_type(), " ", t.sizes(),
-              t.is_contiguous() ? "" : " (not contiguous)");
+// Every tensor the loop walks must hold the param's element count: a mismatch is a caller's
+// bug, an error before anything is written (Note [native many]), never a stray write.
+void check_size(const at::Tensor& t, const at::Tensor& p, const char* role) {
+  TORCH_CHECK(t.numel() == p.numel(), "tiedadam native CPU step: ", role, " has ", t.numel(),
+              " elements, its param ", p.numel());
 }
 
 }  // namespace
 
 // One step of a param group's CPU tensors, in place (Note [native many]). Lists of equal
-// length: params, grads, exp_avgs, exp_avg_sqs, masters (undefined tensors where none: then
-// every entry is); ``s``: fp32 [N, 12] = tied_adamw_cpu.scalars() per tensor plus c = 1 -
-// beta^t; ``keys``: int32 [N, 2], each tensor's rounding key (k_lo, k_hi); ``tel``: fp32
-// [N, 5] rows to overwrite with the telemetry fields (an undefined tensor: none computed).
-void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
-               std::vector<at::Tensor> m, std::vector<at::Tensor> v,
-               std::vector<c10::optional<at::Tensor>> w, at::Tensor s, at::Tensor keys,
-               bool has_scale, bool state_sr, bool param_sr, c10::optional<at::Tensor> tel,
-               double snr_threshold) {
+// length: params, grads, exp_avgs, exp_avg_sqs, masters (None where a tensor has none); ``s``:
+// fp32 [N, 12] = tied_adamw_cpu.scalars() per tensor plus c = 1 - beta^t; ``keys``: int32
+// [N, 2], each tensor's rounding key (k_lo, k_hi); ``tel``: fp32 [N, 5] rows to overwrite with
+// the telemetry fields of the tensors stepped (None: none computed). Returns a bool [N]: the
+// tensors stepped; the others (a layout or dtype set the loop does not walk) are untouched,
+// for the caller's next route. Everything is checked before the first write.
+at::Tensor step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
+                     std::vector<at::Tensor> m, std::vector<at::Tensor> v,
+                     std::vector<c10::optional<at::Tensor>> w, at::Tensor s, at::Tensor keys,
+                     bool has_scale, bool state_sr, bool param_sr,
+                     c10::optional<at::Tensor> tel, double snr_threshold) {
   const int64_t n = static_cast<int64_t>(p.size());
   TORCH_CHECK(g.size() == p.size() && m.size() == p.size() && v.size() == p.size() &&
                   w.size() == p.size(),
@@ -416,35 +433,36 @@ void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
   }
   const float* sp = s.data_ptr<float>();
   const int32_t* kp = keys.data_ptr<int32_t>();
-  std::vector<Job> jobs(n);
+  at::Tensor taken = at::zeros({n}, at::kBool);
+  bool* tk = taken.data_ptr<bool>();
+  std::vector<Job> jobs;
+  std::vector<int64_t> job_of;  // the input index of each job
   std::vector<std::array<int64_t, 3>> chunks;  // (job, first block, end block)
+  jobs.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& pi = p[i];
-    TORCH_CHECK(pi.device().is_cpu() && pi.is_contiguous(),
-                "tiedadam native CPU step: params must be contiguous CPU tensors");
+    auto run = pick(pi, g[i], m[i], v[i], w[i]);
+    if (run == nullptr) continue;
     const bool master = w[i].has_value() && w[i]->defined();
-    check_tensor(g[i], pi, pi.scalar_type(), "grad");
-    const auto md = m[i].scalar_type();
-    check_tensor(m[i], pi, md, "exp_avg");
-    check_tensor(v[i], pi, md == at::kChar ? at::kBFloat16 : md, "exp_avg_sq");
-    if (master) check_tensor(*w[i], pi, at::kFloat, "master");
+    check_size(g[i], pi, "grad");
+    check_size(m[i], pi, "exp_avg");
+    check_size(v[i], pi, "exp_avg_sq");
+    if (master) check_size(*w[i], pi, "master");
     const float* r = sp + 12 * i;
-    jobs[i] = Job{pi.data_ptr(), g[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
-                  master ? w[i]->data_ptr<float>() : nullptr, master, pi.numel(),
-                  Scalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                          r[11]},
-                  kp[2 * i], kp[2 * i + 1], pick(pi, m[i])};
+    const int64_t j = static_cast<int64_t>(jobs.size());
+    jobs.push_back(Job{pi.data_ptr(), g[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
+                       master ? w[i]->data_ptr<float>() : nullptr, master, pi.numel(),
+                       Scalars{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                               r[10], r[11]},
+                       kp[2 * i], kp[2 * i + 1], run});
+    job_of.push_back(i);
+    tk[i] = true;
     const int64_t blocks = (pi.numel() + BLOCK - 1) / BLOCK;
     for (int64_t b = 0; b < blocks; b += kChunkBlocks) {
-      chunks.push_back({i, b, std::min(blocks, b + kChunkBlocks)});
+      chunks.push_back({j, b, std::min(blocks, b + kChunkBlocks)});
     }
   }
-  // Every tensor has masters or none (one param group's mode); only the flag is shared.
-  Flags flags{n > 0 && w[0].has_value() && w[0]->defined(), has_scale, state_sr, param_sr, 0, 0};
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(jobs[i].master == flags.master,
-                "tiedadam native CPU step: masters for some tensors of a call and not others");
-  }
+  const Flags flags{false, has_scale, state_sr, param_sr, 0, 0};
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<std::array<double, 5>> partial(telemetry ? nc : 0);
   // one chunk per task: a chunk is at least 2048 blocks' work, or a whole small tensor
@@ -463,7 +481,7 @@ void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
     }
   });
   if (telemetry) {  // per tensor, in chunk order (Note [native many])
-    std::vector<std::array<double, 5>> rows(n, {0.0, 0.0, 0.0, 0.0, 0.0});
+    std::vector<std::array<double, 5>> rows(jobs.size(), {0.0, 0.0, 0.0, 0.0, 0.0});
     for (int64_t c = 0; c < nc; ++c) {
       auto& r = rows[chunks[c][0]];
       const auto& q = partial[c];
@@ -474,10 +492,11 @@ void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
       r[4] += q[4];
     }
     float* out = tel->data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) {
-      for (int k = 0; k < 5; ++k) out[5 * i + k] = static_cast<float>(rows[i][k]);
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      for (int k = 0; k < 5; ++k) out[5 * job_of[j] + k] = static_cast<float>(rows[j][k]);
     }
   }
+  return taken;
 }
 
 // One step of one flat, contiguous CPU tensor, in place: step_many of one tensor. ``s``: fp32
@@ -485,8 +504,11 @@ void step_many(std::vector<at::Tensor> p, std::vector<at::Tensor> g,
 void step(at::Tensor p, at::Tensor g, at::Tensor m, at::Tensor v, c10::optional<at::Tensor> w,
           at::Tensor s, at::Tensor keys, bool has_scale, bool state_sr, bool param_sr) {
   at::Tensor s12 = at::cat({s.reshape({1, 11}), at::ones({1, 1}, s.options())}, 1);
-  step_many({p}, {g}, {m}, {v}, {w}, s12, keys.reshape({1, 2}).contiguous(), has_scale,
-            state_sr, param_sr, c10::nullopt, 0.0);
+  at::Tensor taken = step_many({p}, {g}, {m}, {v}, {w}, s12,
+                               keys.reshape({1, 2}).contiguous(), has_scale, state_sr,
+                               param_sr, c10::nullopt, 0.0);
+  TORCH_CHECK(taken.item<bool>(), "tiedadam native CPU step: a layout or dtype set it does not ",
+              "walk (", p.scalar_type(), " param, ", m.scalar_type(), " exp_avg)");
 }
 
 // The random bits of elements [base, base + n) (tests: the index path past 2**31, Note [cpu

@@ -71,17 +71,18 @@ def unavailable_reason() -> str | None:
 def run_many(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
              exp_avg_sqs: list[Tensor], masters: list[Tensor | None], s: Tensor, keys: Tensor,
              *, has_scale: bool, state_sr: bool, param_sr: bool, rows: Tensor | None = None,
-             snr_threshold: float = 0.0) -> bool:
-    """Step a param group's contiguous CPU tensors in place with one native call (Note [native
-    many] in native_cpu.cpp): ``s`` fp32 [N, 12] (``tied_adamw_cpu.scalars`` per tensor and c =
-    1 - beta^t), ``keys`` int32 [N, 2]; ``rows``, fp32 [N, 5], receives the telemetry fields
-    (optim/telemetry.py) computed in the same pass. False (nothing changed) without a build."""
+             snr_threshold: float = 0.0) -> Tensor | None:
+    """Step a param group's CPU tensors in place with one native call (Note [native many] in
+    native_cpu.cpp): ``s`` fp32 [N, 12] (``tied_adamw_cpu.scalars`` per tensor and c = 1 -
+    beta^t), ``keys`` int32 [N, 2]; ``rows``, fp32 [N, 5], receives the telemetry fields
+    (optim/telemetry.py) of the tensors stepped, computed in the same pass. Returns which
+    tensors it stepped (bool [N]: layouts it does not walk are left untouched), or None
+    without a build."""
     mod = load()
     if mod is None:
-        return False
-    mod.step_many(params, grads, exp_avgs, exp_avg_sqs, masters, s, keys, has_scale, state_sr,
-                  param_sr, rows, snr_threshold)
-    return True
+        return None
+    return mod.step_many(params, grads, exp_avgs, exp_avg_sqs, masters, s, keys, has_scale,
+                         state_sr, param_sr, rows, snr_threshold)
 
 
 def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,

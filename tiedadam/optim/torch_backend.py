@@ -72,12 +72,12 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if not params:
         return set()
     exact = (torch.float32, torch.float64)  # moments stored as the update reads them
-    native = _native_takes(params, grads, exp_avgs, exp_avg_sqs, masters)
+    native = _native_available(params[0])
     plain = [i for i, p in enumerate(params)
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
              and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)
              and (moments is None or p.dtype in exact)
-             and not (rows is not None and i in native)]
+             and not (rows is not None and native and p.dtype == torch.float32)]
     divisor = None
     if clip is not None and grad_scale is not None:
         # Clipping multiplies the unscaled grads: unscale first. The fused op's own grads in
@@ -108,18 +108,18 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if params[other[0]].device.type == "cpu":
         if found_inf is not None and float(found_inf) != 0:
             return written  # a skipped step changes nothing (a CPU tensor: no sync to read it)
-        taken = [i for i in other if i in native]
-        if taken and _native_cpu_steps(
-                [params[i] for i in taken], [grads[i] for i in taken],
-                [exp_avgs[i] for i in taken], [exp_avg_sqs[i] for i in taken],
-                [masters[i] for i in taken], [state_steps[i] for i in taken],
+        if native:
+            taken = _native_cpu_steps(
+                [params[i] for i in other], [grads[i] for i in other],
+                [exp_avgs[i] for i in other], [exp_avg_sqs[i] for i in other],
+                [masters[i] for i in other], [state_steps[i] for i in other],
                 lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
-                keys=[keys[i] for i in taken] if keys else None, state_sr=state_sr,
-                param_sr=param_sr, clip=clip, rows=rows, rows_at=taken,
-                snr_threshold=snr_threshold):
-            other = [i for i in other if i not in native]
+                keys=[keys[i] for i in other] if keys else None, state_sr=state_sr,
+                param_sr=param_sr, clip=clip, rows=rows, rows_at=other,
+                snr_threshold=snr_threshold)
             if rows is not None:
-                written.update(taken)
+                written.update(i for i, t in zip(other, taken) if t)
+            other = [i for i, t in zip(other, taken) if not t]
         if not other:
             return written
         other = [i for i in other if (moments is not None and exp_avgs[i].dtype not in exact)
@@ -175,60 +175,32 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     return written
 
 
-_NATIVE_PARAMS = (torch.float32, torch.bfloat16, torch.float16)
-_NATIVE_MOMENTS = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
-                   torch.int8: torch.bfloat16}  # exp_avg dtype -> exp_avg_sq dtype
-
-
-def _native_takes(params, grads, exp_avgs, exp_avg_sqs, masters) -> set[int]:
-    """The indices the native CPU step can take (kernels/native_cpu.cpp checks the same again):
-    contiguous CPU tensors of the layouts it walks, with the native step built."""
-    if not USE_NATIVE_CPU_STEP or params[0].device.type != "cpu":
-        return set()
-    out = set()
-    for i, p in enumerate(params):
-        m, v, w = exp_avgs[i], exp_avg_sqs[i], masters[i]
-        ts = (p, grads[i], m, v) if w is None else (p, grads[i], m, v, w)
-        if (p.dtype in _NATIVE_PARAMS and grads[i].dtype == p.dtype
-                and _NATIVE_MOMENTS.get(m.dtype) == v.dtype
-                and (w is None or w.dtype == torch.float32)
-                and all(t.is_contiguous() and t.numel() == p.numel() for t in ts)):
-            out.add(i)
-    if out:
-        from ..kernels import native_cpu as N
-        if N.load() is None:
-            return set()
-    return out
+def _native_available(p: Tensor) -> bool:
+    """Whether CPU tensors can go to the native step (kernels/native_cpu.cpp): switched on and
+    built (the first call builds it)."""
+    if not USE_NATIVE_CPU_STEP or p.device.type != "cpu":
+        return False
+    from ..kernels import native_cpu as N
+    return N.load() is not None
 
 
 def _native_cpu_steps(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *, lr,
                       beta: float, eps: float, weight_decay: float, grad_scale: Tensor | None,
                       keys: Sequence[int] | None, state_sr: bool, param_sr: bool,
                       clip: Tensor | None, rows: Tensor | None, rows_at: Sequence[int],
-                      snr_threshold: float) -> bool:
+                      snr_threshold: float) -> list[bool]:
     """CPU tensors of one param group through one native call (Note [native many] in
-    kernels/native_cpu.cpp); the step already counted and not skipped. Telemetry rows, with
-    ``rows``, go to ``rows[rows_at[k]]``. Masters: all or none (one group's mode), else the
-    tensors are split into the two calls."""
+    kernels/native_cpu.cpp), the step already counted and not skipped; which ones it stepped
+    (the others, layouts it does not walk, are untouched). Telemetry rows, with ``rows``, go
+    to ``rows[rows_at[k]]``."""
     from ..kernels import native_cpu as N
     from ..kernels import tied_adamw_cpu as C
-    with_w = [k for k, w in enumerate(masters) if w is not None]
-    if with_w and len(with_w) < len(masters):  # pragma: no cover - one group holds one mode
-        without = [k for k, w in enumerate(masters) if w is None]
-        return all(_native_cpu_steps(
-            *[[x[k] for k in part] for x in (params, grads, exp_avgs, exp_avg_sqs, masters,
-                                             steps)],
-            lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
-            keys=None if keys is None else [keys[k] for k in part], state_sr=state_sr,
-            param_sr=param_sr, clip=clip, rows=rows, rows_at=[rows_at[k] for k in part],
-            snr_threshold=snr_threshold) for part in (with_w, without))
     inv_scale = 1.0 if grad_scale is None else float(1.0 / grad_scale.float())
     clip_f = 1.0 if clip is None else float(clip)
     lr_f = float(lr)
-    by_step: dict[float, Tensor] = {}  # the scalars of each step count present (Note [native many])
+    by_step: dict[float, Tensor] = {}  # the scalars of each step count present
     table = []
-    for t in steps:
-        t = float(t)
+    for t in torch.stack(steps).tolist() if steps else []:  # one read of all counts
         if t not in by_step:
             c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
             by_step[t] = torch.cat([C.scalars(lr_f, beta, eps, weight_decay, t, inv_scale,
@@ -237,15 +209,17 @@ def _native_cpu_steps(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *, l
     s = torch.stack(table)
     k = [0] * len(params) if keys is None else keys
     keys_t = torch.tensor([[_i32(x & 0xFFFFFFFF), _i32(x >> 32)] for x in k], dtype=torch.int32)
-    out = None if rows is None else torch.empty(len(params), rows.shape[1])
-    ok = N.run_many([p.view(-1) for p in params], [g.view(-1) for g in grads],
-                    [m.view(-1) for m in exp_avgs], [v.view(-1) for v in exp_avg_sqs],
-                    [None if w is None else w.view(-1) for w in masters], s, keys_t,
-                    has_scale=grad_scale is not None, state_sr=state_sr, param_sr=param_sr,
-                    rows=out, snr_threshold=snr_threshold)
-    if ok and rows is not None:
-        rows[list(rows_at)] = out.to(rows.device)
-    return ok
+    out = None if rows is None else torch.zeros(len(params), rows.shape[1])
+    taken = N.run_many(params, grads, exp_avgs, exp_avg_sqs, masters, s, keys_t,
+                       has_scale=grad_scale is not None, state_sr=state_sr, param_sr=param_sr,
+                       rows=out, snr_threshold=snr_threshold)
+    if taken is None:
+        return [False] * len(params)
+    taken = taken.tolist()
+    if rows is not None:
+        at = [r for r, t in zip(rows_at, taken) if t]
+        rows[at] = out[torch.tensor(taken)].to(rows.device)
+    return taken
 
 
 def _i32(x: int) -> int:
@@ -319,7 +293,8 @@ class TorchBackend:
             eps, weight_decay = float(group["eps"]), float(group["weight_decay"])
             keys = None
             if b.state_sr or b.param_sr:
-                keys = [mix(b.keys[i], int(b.steps[i].item())) for i in idx]
+                counts = torch.stack([b.steps[i] for i in idx]).tolist()  # one read
+                keys = [mix(b.keys[i], int(t)) for i, t in zip(idx, counts)]
             moments = rows = None
             if b.telemetry is not None:
                 moments = {}

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from tiedadam import TiedAdamW
-from tiedadam.kernels import inductor_codegen as IC
 from tiedadam.kernels import tied_adamw_cpu as C
 from tiedadam.optim import torch_backend
 
@@ -332,26 +331,3 @@ def _compile_and_read(fn, *args, **options):
     return out, "\n".join(codes)
 
 
-def test_vector_codegen_writes_vector_forms_and_keys_inductors_cache():
-    """Under ``vector_codegen()`` the bit casts and the int32 arange are vector code (Notes
-    [vector bitcast], [vector arange] in inductor_codegen.py) with the same bits as eager; a
-    plain compile of the same graph is not touched by the overrides, and inductor's cache does
-    not hand its result to the keyed compile (Note [codegen key])."""
-    salt = int(torch.randint(1, 2 ** 30, ()))  # a graph that no earlier run has cached
-    x = torch.randn(1027)  # 16-lane main loop and a tail
-    k = torch.randint(-2 ** 31, 2 ** 31, (), dtype=torch.int64).to(torch.int32)
-    want = _bits_fn("eager_bits", salt)(x, k)
-    plain, plain_code = _compile_and_read(_bits_fn("plain_bits", salt), x, k)
-    with IC.vector_codegen():
-        keyed, keyed_code = _compile_and_read(_bits_fn("keyed_bits", salt), x, k,
-                                              **IC.compile_options())
-    assert "cpp_fused" in plain_code
-    assert "::arange(0, 1)" not in plain_code and "at::vec::cast<" not in plain_code
-    # (a cache hit hands back the cached code: without the key, the plain one's)
-    assert "cpp_fused" in keyed_code
-    if IC.AVAILABLE:
-        assert "at::vec::cast<int32_t>" in keyed_code and "at::vec::cast<float>" in keyed_code
-    if IC.ARANGE_AVAILABLE:
-        assert "::arange(0, 1)" in keyed_code
-    for out in (plain, keyed):
-        assert torch.equal(out.view(torch.int32), want.view(torch.int32))

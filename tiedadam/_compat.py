@@ -14,7 +14,6 @@ verified where that matters, and what happens when this torch lacks it. Nothing 
 | ``TensorGuards``, ``dict_version`` | ``torch._C._dynamo.guards`` | the guard's fast check | 2.13 | ``fast_guard_works()`` False: full comparison |
 | ``local_tensor``, ``LOCAL``, ``SPEC`` | ``DTensor._local_tensor``, ``._spec`` | a DTensor's local shard / sharding without autograd | 2.11, 2.13 | ``to_local()`` |
 | ``shard_offset`` | ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset`` | rounding streams of DTensor shards | 2.13 | offset 0 |
-| ``inductor_cpu_codegen`` | ``torch._inductor.codegen.cpp`` and friends | the compiled CPU step's vector forms | 2.13 | None: inductor's own code |
 | ``fresh_code`` | (dynamo counts recompilations per code object) | one compile budget per CPU-step mode | 2.13 | — |
 
 ``self_test()`` runs the behavioural checks (the guard's, the DTensor accessors'); the test suite
@@ -143,22 +142,7 @@ def fast_guard_works() -> bool:
         torch.zeros(3, 3, dtype=torch.complex64).conj().imag))  # the negative bit
 
 
-# -------------------------------------------------------------------------- inductor
-def inductor_cpu_codegen():
-    """inductor's CPU code generator pieces that kernels/inductor_codegen.py overrides while
-    tiedadam's CPU step compiles: a namespace (cpp, DTYPE_TO_CPP, V, CustomGraphPass), or None
-    where this torch lacks them (the step then compiles as inductor writes it)."""
-    try:
-        from torch._inductor.codegen import cpp
-        from torch._inductor.codegen.cpp_utils import DTYPE_TO_CPP
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-        from torch._inductor.virtualized import V
-    except Exception:
-        return None
-    return types.SimpleNamespace(cpp=cpp, DTYPE_TO_CPP=DTYPE_TO_CPP, V=V,
-                                 CustomGraphPass=CustomGraphPass)
-
-
+# -------------------------------------------------------------------------- dynamo
 def fresh_code(fn, name: str):
     """A function of its own with ``fn``'s code (named ``name``). dynamo counts recompilations
     per code object and refuses after ``recompile_limit``; one code object per mode of the
@@ -178,7 +162,6 @@ def self_test() -> dict[str, bool]:
     flat = torch.nn.Parameter(torch.zeros(2))
     flat._fsdp_flattened = True  # what FSDP1 sets (_common_utils.FSDP_FLATTENED)
     out["fsdp1_flattened"] = fsdp1_flattened(flat) and not fsdp1_flattened(torch.zeros(2))
-    out["inductor_cpu_codegen"] = inductor_cpu_codegen() is not None
     prev = torch.is_grad_enabled()
     set_grad_enabled(not prev)
     out["set_grad_enabled"] = torch.is_grad_enabled() is (not prev)

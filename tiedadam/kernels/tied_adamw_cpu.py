@@ -85,16 +85,12 @@ bf16 moment and the tile is 16; round to nearest then beats torch's fused fp32 s
 bytes say it should.
 
 Stochastic rounding's int32/fp32 bit casts have no vector form in inductor's code generator
-(it casts element by element through a stack buffer); at 16 wide that cost more than the wider
-tile saved, so stochastic rounding ran 8 wide, well behind round to nearest. Note [vector
-bitcast] (inductor_codegen.py) supplies the vector form while the step compiles, and every mode
-is written through the foreach copy; the hash itself (two rounds of integer multiply and shifts)
-is not what costs. Only where inductor lacks the pieces that note uses
-(``inductor_codegen.AVAILABLE`` False) does stochastic rounding of bf16 states for an fp32 param
-keep per-output copies and the 8-wide tile, the faster of the two there. Modes that still run 8
-wide: AMP unscaling of an
-fp32 grad (its write-back is fp32 only) and fp32 master weights (the master's write-back copies
-a buffer both outputs read).
+(it casts element by element through a stack buffer); at 16 wide that costs more than the wider
+tile saves, so stochastic rounding of bf16 states for an fp32 param keeps per-output copies and
+the 8-wide tile, the faster of the two. Modes that also run 8 wide: AMP unscaling of an fp32
+grad (its write-back is fp32 only) and fp32 master weights (the master's write-back copies a
+buffer both outputs read). This step is the route where the native one (native_cpu.cpp) cannot
+be built; the native one sets the CPU speed.
 
 Note [cpu index]
 ----------------
@@ -102,7 +98,7 @@ The element index is hashed as int32 (``torch.arange(n, dtype=torch.int32)``): v
 lanes. An int64 index costs AVX2 a scalar 64-bit shift and narrowing per element.
 Tensors of 2**31 elements or more (``wide``, a separate compile) take the int64 index and fold
 its high word in: the same bits as the int32 path below 2**31. Inductor builds the index vector
-from 16 scalars unless Note [vector arange] (inductor_codegen.py) is in force.
+from 16 scalars.
 """
 
 from __future__ import annotations
@@ -115,7 +111,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from . import inductor_codegen, ratio8
+from . import ratio8
 from .bf16_round import round_bf16, rounded_bf16_value
 
 _MASK16 = 0xFFFF
@@ -201,7 +197,7 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
     if has_scale:
         dst.append(g)  # Note [amp] in the kernel: the grad holds its unscaled value afterwards
         src.append(gf.to(g.dtype))
-    if state_sr and not param_sr and p.dtype == torch.float32 and not inductor_codegen.AVAILABLE:
+    if state_sr and not param_sr and p.dtype == torch.float32:
         for d_, s_ in zip(dst, src):  # the 8-wide tile (Note [cpu tiling])
             d_.copy_(s_)
     else:
@@ -235,8 +231,7 @@ def _step_fn(mode: tuple):
     fn = _compiled.get(mode)
     if fn is None:
         own = _compat.fresh_code(tied_adamw_step, f"tied_adamw_step_mode{len(_compiled)}")
-        fn = torch.compile(own, dynamic=True, fullgraph=True,
-                           options=inductor_codegen.compile_options())  # Note [codegen key]
+        fn = torch.compile(own, dynamic=True, fullgraph=True)
         _compiled[mode] = fn
     return fn
 
@@ -265,9 +260,8 @@ def run(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None, s: Tensor,
     t0 = time.perf_counter()
     try:
         # no_grad: what the optimizer runs under, so a direct call shares its compiled graph
-        # (grad mode is part of dynamo's guard); Notes [vector bitcast], [vector arange]
-        # while it compiles
-        with torch.no_grad(), inductor_codegen.vector_codegen():
+        # (grad mode is part of dynamo's guard)
+        with torch.no_grad():
             _step_fn(mode)(p, g, m, v, w, s, keys, w is not None, has_scale, state_sr, param_sr,
                        wide)
     except Exception as e:  # Note [cpu fallback]

@@ -27,7 +27,7 @@ def _load(rel):
 
 
 def machine_line(d) -> str:
-    m = d.get("machine_before") or {}
+    m = d.get("machine_before") or d.get("machine") or {}
     v = d.get("versions", {})
     gpu = m.get("gpu")
     where = (f"{gpu.get('name', gpu.get('torch_name'))}, driver {gpu.get('driver', '?')}" if gpu
@@ -177,6 +177,34 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
              if build else "")
     return "\n".join(lines) + (f"\n\n*{how}, {c['threads']} threads{built}; "
                                + machine_line(d)[1:])
+
+
+OFFLOAD_TRAIN = "perf/results/cpu/offload_train/bench_offload_train.json"
+
+
+def offload_train_table(rel=OFFLOAD_TRAIN) -> str:
+    d = _load(rel)
+    if d is None:
+        return f"*(no results file `{rel}` yet)*"
+    rows = d["rows"]
+    ref = next((r for r in rows if r["provider"] == "deepspeed-adamw"), None)
+    tail = 10
+    lines = ["| optimizer (JSON config) | steps | state B/param | step ms | engine.step ms | "
+             f"host RSS MiB (2 ranks) | peak RSS MiB | loss, mean of last {tail} steps | "
+             "step vs DeepSpeedCPUAdam |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        last = sum(r["losses"][-tail:]) / len(r["losses"][-tail:])
+        vs = f"{ref['median_step_s'] / r['median_step_s']:.2f}×" if ref else "–"
+        lines.append(f"| {r['provider']} ({r['optimizer']}) | {len(r['losses'])} | "
+                     f"{r['state_bytes_per_param']:.1f} | {r['median_step_s'] * 1e3:,.0f} | "
+                     f"{r['median_engine_step_s'] * 1e3:,.1f} | {r['rss_mib']:,.0f} | "
+                     f"{r['peak_rss_mib']:,.0f} | {last:.4f} | {vs} |")
+    c = d["config"]
+    return "\n".join(lines) + (
+        f"\n\n*{rows[0]['n_params'] / 1e6:.1f}M-param LM (d {c['d_model']}, {c['layers']} "
+        f"layers, seq {c['seq']}, micro-batch {c['batch']} per rank), ZeRO-2 offload, 2 ranks "
+        f"x {c['threads']} thread, medians over steps {c['warmup'] + 1}-{c['steps']}; "
+        + machine_line(d)[1:])
 
 
 def beta_table(rel="perf/results/cpu/beta_study.json") -> str:
@@ -358,6 +386,7 @@ BLOCKS = {
     "ratio8_offload": lambda: offload_table(RATIO8_OFFLOAD),
     "native_offload": lambda: offload_table(NATIVE_OFFLOAD),
     "native_offload_1t": lambda: offload_table(NATIVE_OFFLOAD_1T),
+    "offload_train": offload_train_table,
     "kernel_report": kernel_table,
     "cpu_host": lambda: host_table("perf/results/cpu/bench_host.json"),
     "cpu_step": lambda: step_table("perf/results/cpu/bench_step.json"),

@@ -45,6 +45,14 @@ square root per element to decode.
   grad whose square exceeds fp32's range: v = inf, as fp32 moments hold it too), m is encoded
   as r = 0 and sqrt(v) decodes clamped to fp32's largest value, so m = 0 (not 0 * inf = NaN);
   the update is m / inf = 0, as torch's AdamW gives with fp32 moments, and params stay finite.
+* Why v and not sqrt(v) is stored. Storing sqrt(v) would take the CPU step from three roots
+  and two divisions per element (decode, update, encode) to one root and two divisions. A
+  prototype of the native loop doing so (perf/results/cpu/ratio8_sqrtv_prototype, with the
+  figures) ran 1.16-1.25x faster, and still below DeepSpeedCPUAdam on the machine measured:
+  the vector divide/root unit bounds the loop either way, and a GPU's roots cost the kernel
+  nothing. Against that gain, v keeps exp_avg_sq's meaning in torch's AdamW (checkpoints and
+  ``dequantize_state_dict`` convert by one multiplication, no root, no format version), so v
+  stays until a change reaches the speed it would be made for.
 * beta bound: an EMA step moves r by (1 - beta)(g / sqrt(v) - r), about (1 - beta) in size;
   rounding is unbiased, but a step below the code's step drowns in its noise. So beta <=
   1 - 1/127 (linear; 1 - 2/127 for "sqrt", whose coarsest step is 2/127), refused above

@@ -23,7 +23,9 @@ and torch.optim.AdamW(fused=True):
 
 and, on request, the modes for bf16 params (each with its own bf16 copy of the partition):
 tiedadam-master-bf16 (fp32 master weights and moments), tiedadam-pure-bf16-sr (bf16 moments,
-param rounded stochastically).
+param rounded stochastically), and what they replace, torch-fused+copy-bf16 (torch's fused
+fp32 step on fp32 masters, then a copy into the bf16 params: 34 bytes; the column "vs
+fused+copy").
 
 Note [offload processes]: each provider runs in a process of its own (``--worker``), the
 providers alternating over ``--rounds`` rounds; in one process DeepSpeed's OpenMP runtime and
@@ -82,6 +84,9 @@ MODES = {
                                                param_dtype=BF16), 14, "native"),
     "deepspeed-cpu": ("deepspeed-cpu", None, 28, None),
     "torch-fused": ("torch-fused", None, 28, None),
+    # what the bf16-param modes replace: torch's fused fp32 step on fp32 masters (fp32 grads,
+    # as a backward in fp32 would give them), then a copy into the bf16 params: 28 + 6 bytes
+    "torch-fused+copy-bf16": ("torch-fused+copy-bf16", None, 34, None),
     "stream": ("stream", None, 28, None),
 }
 for _name in ("tiedadam-bf16-sr", "tiedadam-bf16-nearest", "tiedadam-ratio8-sr",
@@ -153,7 +158,10 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
             if provider == "stream":
                 opt = _Stream(numel)
             elif options is None:
-                opt = make_optimizer(provider, [param], lr=1e-4, beta=0.95, device="cpu")
+                if provider == "torch-fused+copy-bf16":  # its own bf16 param
+                    p = torch.nn.Parameter(param.detach().to(BF16))
+                    p.grad = param.grad.to(BF16)
+                opt = make_optimizer(provider, [p], lr=1e-4, beta=0.95, device="cpu")
             else:
                 options = dict(options)
                 if "param_dtype" in options:  # its own bf16 param and grad
@@ -196,7 +204,8 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
         r["params_per_s"] = numel / r["median_s"]
         out.append(r)
     for ref, key in (("deepspeed-cpu", "speedup_vs_deepspeed_cpu_adam"),
-                     ("torch-fused", "speedup_vs_torch_fused")):
+                     ("torch-fused", "speedup_vs_torch_fused"),
+                     ("torch-fused+copy-bf16", "speedup_vs_torch_fused_plus_copy")):
         base = rows.get(ref) if ref in times else None
         for r in out:
             r[key] = base["median_s"] / r["median_s"] if base else None
@@ -208,7 +217,9 @@ def run_size(numel: int, names: list[str], iters: int, warmup: int) -> tuple[lis
 TARGETS = {"tiedadam-bf16-sr": ("speedup_vs_deepspeed_cpu_adam", 1.0),
            "tiedadam-bf16-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.0),
            "tiedadam-ratio8-sr": ("speedup_vs_deepspeed_cpu_adam", 1.3),
-           "tiedadam-ratio8-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.3)}
+           "tiedadam-ratio8-nearest": ("speedup_vs_deepspeed_cpu_adam", 1.3),
+           "tiedadam-master-bf16": ("speedup_vs_torch_fused_plus_copy", 1.0),
+           "tiedadam-pure-bf16-sr": ("speedup_vs_torch_fused_plus_copy", 1.0)}
 
 
 def _worker(args) -> int:
@@ -298,7 +309,8 @@ def main(argv=None) -> int:
             size_rows = [_aggregate(rs) for rs in runs.values() if rs]
             by = {r["provider"]: r for r in size_rows}
             for ref, key in (("deepspeed-cpu", "speedup_vs_deepspeed_cpu_adam"),
-                             ("torch-fused", "speedup_vs_torch_fused")):
+                             ("torch-fused", "speedup_vs_torch_fused"),
+                             ("torch-fused+copy-bf16", "speedup_vs_torch_fused_plus_copy")):
                 for r in size_rows:
                     r[key] = by[ref]["median_s"] / r["median_s"] if ref in by else None
             for r in size_rows:
@@ -315,15 +327,17 @@ def main(argv=None) -> int:
         targets={k: f"{m} >= {v}" for k, (m, v) in TARGETS.items()}, results=rows))
     print(f"\nZeRO-Offload step, fp32 partition ({args.rounds} processes per provider)")
     print(f"{'provider':<33}{'thr':>4}{'numel':>13}{'ms':>9}{'GB/s':>7}{'%strm':>7}"
-          f"{'B/param':>9}{'RSS MB':>9}{'vs DS':>8}{'vs fused':>10}{'first s':>9}")
+          f"{'B/param':>9}{'RSS MB':>9}{'vs DS':>8}{'vs fused':>10}{'vs f+copy':>10}"
+          f"{'first s':>9}")
     for r in rows:
         vs, vf, ps = (r["speedup_vs_deepspeed_cpu_adam"], r["speedup_vs_torch_fused"],
                       r["percent_of_stream"])
+        vc = r.get("speedup_vs_torch_fused_plus_copy")
         print(f"{r['provider']:<33}{r['threads']:>4}{r['numel']:>13,}{r['median_s'] * 1e3:>9.1f}"
               f"{r['bandwidth_Bps'] / 1e9:>7.1f}{(f'{ps:.0f}' if ps else '-'):>7}"
               f"{r['state_bytes_per_param']:>9.1f}{r['rss_growth_bytes'] / 2**20:>9.0f}"
               f"{(f'{vs:.2f}x' if vs else '-'):>8}{(f'{vf:.2f}x' if vf else '-'):>10}"
-              f"{r['first_step_s']:>9.1f}")
+              f"{(f'{vc:.2f}x' if vc else '-'):>10}{r['first_step_s']:>9.1f}")
     for k, v in skipped.items():
         print(f"skipped {k}: {v}")
     print(f"native step build seconds (first process; a cold build unless torch's extension "

@@ -153,13 +153,17 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
         return f"*(no results file `{rel}` yet)*"
     per_process = "rounds" in d["config"]  # Note [offload processes] in perf/bench_offload.py
     stream = per_process and any(r.get("percent_of_stream") for r in d["results"])
+    plus = any(r.get("speedup_vs_torch_fused_plus_copy") for r in d["results"])
     lines = ["| provider | " + ("threads | " if per_process else "") + "partition | step ms | "
              "GB/s | " + ("% of stream | " if stream else "") + "state B/param | "
-             "RSS growth MB | vs DeepSpeedCPUAdam | vs torch fused | first step s |",
+             "RSS growth MB | vs DeepSpeedCPUAdam | vs torch fused | "
+             + ("vs fused+copy | " if plus else "") + "first step s |",
              "|---|" + ("---:|" if per_process else "") + "---:|---:|---:|"
-             + ("---:|" if stream else "") + "---:|---:|---:|---:|---:|"]
+             + ("---:|" if stream else "") + "---:|---:|---:|---:|" + ("---:|" if plus else "")
+             + "---:|"]
     for r in d["results"]:
         vs, vf = r.get("speedup_vs_deepspeed_cpu_adam"), r.get("speedup_vs_torch_fused")
+        vc = r.get("speedup_vs_torch_fused_plus_copy")
         ps = r.get("percent_of_stream")
         lines.append(f"| {r['provider']} | " + (f"{r['threads']} | " if per_process else "")
                      + f"{r['numel'] / 1e6:.0f}M | {r['median_s'] * 1e3:.1f} | "
@@ -167,7 +171,9 @@ def offload_table(rel="perf/results/cpu/bench_offload.json") -> str:
                      + ((f"{ps:.0f} | " if ps else "– | ") if stream else "")
                      + f"{r['state_bytes_per_param']:.1f} | "
                      f"{r['rss_growth_bytes'] / 2**20:,.0f} | {f'{vs:.2f}×' if vs else '–'} | "
-                     f"{f'{vf:.2f}×' if vf else '–'} | {r['first_step_s']:.1f} |")
+                     f"{f'{vf:.2f}×' if vf else '–'} | "
+                     + ((f"{vc:.2f}× | " if vc else "– | ") if plus else "")
+                     + f"{r['first_step_s']:.1f} |")
     c = d["config"]
     how = (f"{c['rounds']} processes per provider, alternating, {c['iters']} steps each, the "
            f"median of their medians" if per_process else

@@ -1,13 +1,13 @@
 """TiedAdamW through torch's own fused AdamW (``_compat.fused_adamw_`` with betas (beta, beta)).
 
-The right backend for CPU tensors outside the tests (as fast as DeepSpeedCPUAdam on a 2-core
-CPU, 6x the foreach path: README, DeepSpeed section): the same semantics, no Triton. Also serves any device
-when ``backend="torch"``. Torch's fused op wants states in the param dtype; the other modes
-(fp32 state with bf16 params, master weights, bf16 state, pure bf16) go, for contiguous CPU
-tensors, through the one-pass step that torch.compile builds (kernels/tied_adamw_cpu.py: the
-Triton kernel's math and rounding, for ZeRO-Offload); elsewhere, or without a C++ compiler,
-the math runs on fp32 working copies that are written back, rounded to nearest or
-stochastically.
+The backend for CPU tensors (``"auto"`` picks it there), and for any device with
+``backend="torch"``: the same semantics, no Triton. Torch's fused op wants states in the param
+dtype; the other modes (fp32 state with bf16 params, master weights, bf16 or ratio8 state, pure
+bf16, and fp32 with telemetry) go, for CPU tensors, through the native CPU step
+(kernels/native_cpu.cpp: one call per param group, the Triton kernel's math and rounding), or
+where it cannot be built the compiled one (kernels/tied_adamw_cpu.py); elsewhere, or for a
+layout neither walks, the math runs on fp32 working copies that are written back, rounded to
+nearest or stochastically.
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if not params:
         return set()
     exact = (torch.float32, torch.float64)  # moments stored as the update reads them
-    native = _native_available(params[0])
+    # (the native step is built at its first use: not for fp32 tensors without telemetry)
+    tel_native = rows is not None and _native_available(params[0])
     plain = [i for i, p in enumerate(params)
              if masters[i] is None and p.dtype == exp_avgs[i].dtype
              and not ((state_sr or param_sr) and p.dtype == torch.bfloat16)
              and (moments is None or p.dtype in exact)
-             and not (rows is not None and native and p.dtype == torch.float32)]
+             and not (tel_native and p.dtype == torch.float32)]
     divisor = None
     if clip is not None and grad_scale is not None:
         # Clipping multiplies the unscaled grads: unscale first. The fused op's own grads in
@@ -108,7 +109,7 @@ def torch_tied_adamw(params: Sequence[Tensor], grads: Sequence[Tensor],
     if params[other[0]].device.type == "cpu":
         if found_inf is not None and float(found_inf) != 0:
             return written  # a skipped step changes nothing (a CPU tensor: no sync to read it)
-        if native:
+        if tel_native or _native_available(params[other[0]]):
             taken = _native_cpu_steps(
                 [params[i] for i in other], [grads[i] for i in other],
                 [exp_avgs[i] for i in other], [exp_avg_sqs[i] for i in other],

@@ -105,8 +105,14 @@ def rss_bytes() -> int:
 def state_bytes_per_param(opt, param) -> float:
     """(bytes of the partition + every state tensor) / numel, from the tensors themselves."""
     inner = getattr(opt, "opt", opt)
-    st = inner.state[param]
     held = param.numel() * param.element_size()
+    masters = getattr(opt, "masters", None)  # torch-fused+copy-bf16: fp32 masters hold the state
+    if masters is not None:
+        return (held + sum(m.numel() * 4 + sum(v.numel() * v.element_size()
+                                                for v in inner.state[m].values()
+                                                if torch.is_tensor(v) and v.numel() > 1)
+                           for m in masters)) / param.numel()
+    st = inner.state[param]
     held += sum(v.numel() * v.element_size() for v in st.values()
                 if torch.is_tensor(v) and v.numel() > 1)
     return held / param.numel()

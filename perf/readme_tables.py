@@ -310,17 +310,27 @@ def summary_table() -> str:
     o = _load(NATIVE_OFFLOAD)  # the newest ZeRO-Offload measurement (the native step)
     if o is not None:
         rs = [r for r in o["results"] if r["threads"] == max(x["threads"] for x in o["results"])]
-        for mode, label in (("tiedadam-bf16-sr", "bf16 moments"),
-                            ("tiedadam-ratio8-sr", "ratio8 moments")):
-            rr = [r for r in rs if r["provider"] == mode]
-            if rr:
-                sp = ", ".join(f"{r['speedup_vs_deepspeed_cpu_adam']:.2f}× at "
-                               f"{r['numel'] / 1e6:.0f}M" for r in rr)
-                rows.append(f"| ZeRO-Offload CPU step, {label} (stochastic rounding, native "
-                            f"step) | {rr[0]['state_bytes_per_param']:.0f} B/param of host "
-                            f"state (fp32 moments: 12); {sp} DeepSpeedCPUAdam's speed | "
-                            f"{where(o)}, {rr[0]['threads']} threads | [bench_offload.json]"
-                            f"({NATIVE_OFFLOAD}) |")
+
+        def speeds(mode):
+            return "/".join(f"{r['speedup_vs_deepspeed_cpu_adam']:.2f}×" for r in rs
+                            if r["provider"] == mode)
+        sizes = "/".join(f"{r['numel'] / 1e6:.0f}M" for r in rs if r["provider"] == "deepspeed-cpu")
+        parts = [f"{label} ({b} B/param) {speeds(m + '-nearest')} nearest, {speeds(m + '-sr')} "
+                 f"stochastic" for label, b, m in (("bf16 moments", 8, "tiedadam-bf16"),
+                                                    ("ratio8", 7, "tiedadam-ratio8"))]
+        rows.append(f"| ZeRO-Offload CPU step vs DeepSpeedCPUAdam (12 B/param), native step, "
+                    f"{sizes} | {'; '.join(parts)} | {where(o)}, {rs[0]['threads']} threads | "
+                    f"[bench_offload.json]({NATIVE_OFFLOAD}) |")
+    t = _load(OFFLOAD_TRAIN)
+    if t is not None:
+        by = {r["provider"]: r for r in t["rows"]}
+        ds, r8 = by.get("deepspeed-adamw"), by.get("tiedadam-ratio8")
+        if ds and r8:
+            rows.append(f"| ZeRO-2 offload training, {r8['n_params'] / 1e6:.0f}M-param LM, 2 ranks: "
+                        f"ratio8 against DeepSpeedCPUAdam | step "
+                        f"{ds['median_step_s'] / r8['median_step_s']:.2f}×, host RSS "
+                        f"{r8['rss_mib']:,.0f} against {ds['rss_mib']:,.0f} MiB, loss curves "
+                        f"alike | {where(t)} | [bench_offload_train.json]({OFFLOAD_TRAIN}) |")
     r = _load(RATIO8)
     if r is not None:
         parts = []

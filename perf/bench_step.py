@@ -253,10 +253,10 @@ def print_table(rows, skipped, device, copy_bw) -> None:
     if device == "cpu":  # what reads wrong on a CPU (README, "Performance", says the same)
         print("notes: on CPU there is no separate kernel time and no %copy: one copy_ is not a "
               "bandwidth ceiling there (caches, threads). On CPU TiedAdamW runs torch's fused "
-              "AdamW for fp32 and, for its mixed-precision modes, a compiled one-pass step "
-              "(torch ops on fp32 working copies without a C++ compiler, or with "
-              "TIEDADAM_CPU_COMPILE=0); tiedadam-telemetry computes its statistics with torch "
-              "ops in a second pass, where the GPU kernel does it in the same pass.")
+              "AdamW for fp32 and, for its other modes (and fp32 with telemetry, whose "
+              "statistics it computes in the same pass), one native pass per param group "
+              "(tiedadam/kernels/native_cpu.cpp; the compiled step where it cannot be built, "
+              "torch ops on fp32 working copies without a C++ compiler).")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def run_provider(provider: str, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(SCRATCH, "offload_train"), help=OUT_HELP)
+    ap.add_argument("--out", default=SCRATCH, help=OUT_HELP)
     ap.add_argument("--providers", default="deepspeed-adamw,tiedadam-ratio8,tiedadam-bf16")
     ap.add_argument("--d-model", type=int, default=384)
     ap.add_argument("--layers", type=int, default=4)

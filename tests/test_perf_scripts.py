@@ -130,6 +130,22 @@ def test_bench_offload_smallest(tmp_path):
     assert rows["torch-fused"]["speedup_vs_torch_fused"] == 1
 
 
+def test_bench_offload_train_smallest(tmp_path):
+    # two ranks of DeepSpeed ZeRO-2 offload; DeepSpeed's own CPU Adam is left out (its first
+    # use builds a C++ op: a minute of CI for a smoke test)
+    run_script("bench_offload_train.py", "--providers", "tiedadam-ratio8", "--d-model", "32",
+               "--layers", "1", "--heads", "2", "--seq", "16", "--batch", "2", "--steps", "3",
+               "--warmup", "1", tmp_path=tmp_path)
+    data = json.load(open(tmp_path / "bench_offload_train.json"))
+    (r,) = data["rows"]
+    assert r["provider"] == "tiedadam-ratio8" and r["optimizer"] == "TiedAdamW"
+    assert r["state_bytes_per_param"] == 7.0  # fp32 partition + int8 codes + bf16 v
+    assert len(r["losses"]) == 3 and all(x == x for x in r["losses"])
+    assert 0 < r["median_engine_step_s"] < r["median_step_s"]
+    assert r["rss_mib"] > 0 and r["peak_rss_mib"] >= r["rss_mib"]
+    assert (tmp_path / "bench_offload_train.png").stat().st_size > 0
+
+
 def test_bench_host_smallest(tmp_path):
     run_script("bench_host.py", "--params", "20", "--iters", "5", tmp_path=tmp_path)
     data = json.load(open(tmp_path / "bench_host.json"))

@@ -197,10 +197,12 @@ def offload_train_table(rel=OFFLOAD_TRAIN) -> str:
     tail = 10
     lines = ["| optimizer (JSON config) | steps | state B/param | step ms | engine.step ms | "
              f"host RSS MiB (2 ranks) | peak RSS MiB | loss, mean of last {tail} steps | "
-             "step vs DeepSpeedCPUAdam |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "engine.step / step vs DeepSpeedCPUAdam |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         last = sum(r["losses"][-tail:]) / len(r["losses"][-tail:])
-        vs = f"{ref['median_step_s'] / r['median_step_s']:.2f}×" if ref else "–"
+        vs = (f"{ref['median_engine_step_s'] / r['median_engine_step_s']:.2f}× / "
+              f"{ref['median_step_s'] / r['median_step_s']:.2f}×" if ref else "–")
         lines.append(f"| {r['provider']} ({r['optimizer']}) | {len(r['losses'])} | "
                      f"{r['state_bytes_per_param']:.1f} | {r['median_step_s'] * 1e3:,.0f} | "
                      f"{r['median_engine_step_s'] * 1e3:,.1f} | {r['rss_mib']:,.0f} | "
@@ -327,8 +329,9 @@ def summary_table() -> str:
         ds, r8 = by.get("deepspeed-adamw"), by.get("tiedadam-ratio8")
         if ds and r8:
             rows.append(f"| ZeRO-2 offload training, {r8['n_params'] / 1e6:.0f}M-param LM, 2 ranks: "
-                        f"ratio8 against DeepSpeedCPUAdam | step "
-                        f"{ds['median_step_s'] / r8['median_step_s']:.2f}×, host RSS "
+                        f"ratio8 against DeepSpeedCPUAdam | `engine.step()` "
+                        f"{ds['median_engine_step_s'] / r8['median_engine_step_s']:.2f}×, "
+                        f"whole step {ds['median_step_s'] / r8['median_step_s']:.2f}×, host RSS "
                         f"{r8['rss_mib']:,.0f} against {ds['rss_mib']:,.0f} MiB, loss curves "
                         f"alike | {where(t)} | [bench_offload_train.json]({OFFLOAD_TRAIN}) |")
     r = _load(RATIO8)

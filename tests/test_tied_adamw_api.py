@@ -115,6 +115,27 @@ def test_editing_beta_or_betas_keeps_them_tied():
         opt.step()
 
 
+def test_beta_edit_on_a_copied_group_after_a_refused_step_is_honoured():
+    """Found by the randomized cross-check (seed 435328352): beta edited through the group
+    (both keys follow), the group replaced by a plain-dict copy, a step refused for another
+    value, then ``beta`` alone edited on the copy. The refused step saw the copy's consistent
+    pair, so the later edit is told apart from ``betas``' and honoured, not refused as
+    "disagree"."""
+    ps = params(4)
+    opt = TiedAdamW(ps, beta=0.5, backend="torch")
+    ps[0].grad = torch.randn(4)
+    opt.step()
+    opt.param_groups[0]["beta"] = 0.8
+    opt.param_groups[0] = {**opt.param_groups[0], "stochastic_rounding": True}
+    opt.param_groups[0]["eps"] = float("nan")
+    with pytest.raises(ValueError, match="eps"):
+        opt.step()
+    opt.param_groups[0]["eps"] = 1e-8
+    opt.param_groups[0]["beta"] = 0.9  # a plain dict now: betas stays (0.8, 0.8) until the step
+    opt.step()
+    assert opt.param_groups[0]["beta"] == 0.9 and opt.param_groups[0]["betas"] == (0.9, 0.9)
+
+
 def test_add_param_group_and_zero_grad():
     a, b = params(3), params(5)
     opt = TiedAdamW(a, lr=1e-2, backend="torch")

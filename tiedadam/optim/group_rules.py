@@ -341,8 +341,10 @@ class GroupRules:
                 continue
             where = f"param_groups[{gi}]: "
             self.sync_beta(group, where)
-            check_group(group, where)
+            # the pair is consistent now: what a later beta-only or betas-only edit is told
+            # apart from, even if this step is refused below for another value
             self.saw_beta(group)
+            check_group(group, where)
             edited |= self.note_options(group)
             vals = tuple(map(group.get, CHECKED_KEYS))
             memo[id(group)] = None if any(isinstance(v, Tensor) for v in vals) else (group, vals)

@@ -47,10 +47,10 @@ square root per element to decode.
   the update is m / inf = 0, as torch's AdamW gives with fp32 moments, and params stay finite.
 * Why v and not sqrt(v) is stored. Storing sqrt(v) would take the CPU step from three roots
   and two divisions per element (decode, update, encode) to one root and two divisions. A
-  prototype of the native loop doing so (perf/results/cpu/ratio8_sqrtv_prototype, with the
-  figures) ran 1.16-1.25x faster, and still below DeepSpeedCPUAdam on the machine measured:
-  the vector divide/root unit bounds the loop either way, and a GPU's roots cost the kernel
-  nothing. Against that gain, v keeps exp_avg_sq's meaning in torch's AdamW (checkpoints and
+  prototype of the native loop doing so was measured (perf/results/cpu/ratio8_sqrtv_prototype
+  and docs/performance.md hold the figures): faster, and still below DeepSpeedCPUAdam on the
+  machine measured, the vector divide/root unit bounding the loop either way; a GPU's roots
+  cost the kernel nothing. Against that gain, v keeps exp_avg_sq's meaning in torch's AdamW (checkpoints and
   ``dequantize_state_dict`` convert by one multiplication, no root, no format version), so v
   stays until a change reaches the speed it would be made for.
 * beta bound: an EMA step moves r by (1 - beta)(g / sqrt(v) - r), about (1 - beta) in size;

@@ -204,6 +204,11 @@ def tied_adamw_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, w: Tensor | None
         _compat.foreach_copy_(dst, src)  # the 16-wide tile (Note [cpu tiling])
 
 
+def bias_correction(beta: float, t: float) -> float:
+    """c = 1 - beta**t as the kernel computes it (fp64, exp(t log beta)); 1 for beta = 0."""
+    return 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+
+
 def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
             inv_scale: float = 1.0, clip: float = 1.0) -> Tensor:
     """fp32 [11]: the kernel's per-program scalars for step t, computed in fp64 as the kernel
@@ -211,7 +216,7 @@ def scalars(lr: float, beta: float, eps: float, weight_decay: float, t: float,
     the lerp coefficient, lr / c, sqrt(c), eps, 1 / grad scale, 1 / sqrt(c) (ratio8), the
     clip coefficient (Note [clipping] in tied_adamw.py) and ratio8's code bound (Note [ratio8
     update bound] in ratio8.py)."""
-    c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+    c = bias_correction(beta, t)
     omb = 1.0 - beta
     beta32 = float(torch.tensor(beta, dtype=torch.float32))
     coef = omb if float(torch.tensor(omb, dtype=torch.float32)) < 0.5 else -beta32

@@ -12,7 +12,6 @@ nearest or stochastically.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -203,7 +202,7 @@ def _native_cpu_steps(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *, l
     table = []
     for t in torch.stack(steps).tolist() if steps else []:  # one read of all counts
         if t not in by_step:
-            c = 1.0 - math.exp(t * math.log(beta)) if beta > 0 else 1.0
+            c = C.bias_correction(beta, t)  # telemetry's u = q / c (Note [native telemetry])
             by_step[t] = torch.cat([C.scalars(lr_f, beta, eps, weight_decay, t, inv_scale,
                                               clip_f), torch.tensor([c], dtype=torch.float32)])
         table.append(by_step[t])
